@@ -1,0 +1,36 @@
+# distlocal: `make train` runs the default job, `make test` the test suite.
+# Both create .venv on first use (pip from local disk: torch first, then deepspeed, then us).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+NPROC  ?= 2
+ARGS   ?=
+# Several ranks on few cores: one thread per rank, or steps get ~10x slower.
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install train test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q --no-build-isolation deepspeed
+	$(BIN)/pip install -q -e '.[dev,deepspeed]'
+	touch $@
+
+train: install
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python profiling/bench.py --model resnet18 --data-shape 3,32,32 --classes 10 --batch-size 64 --steps 5 --device cpu
+
+clean:
+	rm -rf $(VENV) outputs multirun

@@ -1,0 +1,241 @@
+"""Structured configs: one small dataclass per component, registered in Hydra's ConfigStore.
+
+The YAML tree in ``configs/`` picks defaults and group options; these dataclasses are the
+schema, so a misspelled key or a wrong type fails at composition with a clear message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODES = ("sgd", "local", "freeze")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and loop settings."""
+
+    epochs: int = 8
+    batch_size: int = 64
+    """Global batch size, split evenly across ranks."""
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    """``sgd`` or ``adamw``."""
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    """``cosine``, ``step`` or ``constant``; per step, after ``lr_warmup_epochs`` of linear warm-up."""
+    lr_warmup_epochs: float = 0.0
+    lr_step_epochs: int = 30
+    lr_gamma: float = 0.1
+    precision: str = "32"
+    """``32``, ``bf16`` or ``16`` (autocast; fp16 adds a grad scaler)."""
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda``."""
+    max_steps_per_epoch: int | None = None
+    """Cap the steps of an epoch (quick runs, benchmarks); ``null`` runs the whole epoch."""
+    progress: bool = True
+    """tqdm bar on rank 0."""
+
+
+@dataclass
+class DataConfig:
+    """Data set selection; ``name`` is set by the ``data=`` group option."""
+
+    name: str = "digits"
+    root: str | None = None
+    """Local directory of the data set (cifar10, cifar100, imagefolder)."""
+    download: bool = False
+    """Allow torchvision to download CIFAR into ``root`` (off: nothing downloads at run time)."""
+    augment: bool = True
+    """Standard augmentation (CIFAR: crop+flip; ImageNet: random-resized-crop+flip). Digits: none."""
+    num_workers: int = 0
+    image_size: int = 224
+    """ImageFolder crop size."""
+    shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    """Synthetic sample shape (C, H, W)."""
+    num_classes: int = 10
+    """Synthetic class count."""
+    train_size: int = 1024
+    test_size: int = 256
+
+
+@dataclass
+class WeakSupervisionConfig:
+    """The local learning rate driven by the training loss (DESIGN §2)."""
+
+    enabled: bool = True
+    ema: float = 0.9
+    """Smoothing of the running mean of the training loss (per step)."""
+    rise_tol: float = 0.05
+    """Relative rise of the running loss over ``window`` steps that triggers a back-off."""
+    window: int = 20
+    backoff: float = 0.5
+    min_multiplier: float = 0.0
+
+
+@dataclass
+class LocalConfig:
+    """The local (Hebbian) rule applied to stages before the boundary."""
+
+    rule: str = "softhebb"
+    """``hebb``, ``oja``, ``softhebb`` or ``freeze``."""
+    lr: float = 1e-3
+    temperature: float = 1.0
+    """SoftHebb softmax temperature over output channels."""
+    update_every: int = 1
+    """Apply the rule on every n-th step; other steps run the prefix forward only."""
+    sample_fraction: float = 1.0
+    """Compute the delta from this leading fraction of the (per-rank) batch."""
+    sync_every: int = 1
+    """Average deltas across ranks every K steps (accumulated in between)."""
+    sync_async: bool = False
+    """Overlap the delta all-reduce with the suffix forward/backward."""
+    weak_supervision: WeakSupervisionConfig = field(default_factory=WeakSupervisionConfig)
+
+
+@dataclass
+class StaticScheduleConfig:
+    """Pre-defined boundary per epoch."""
+
+    name: str = "static"
+    kind: str = "step"
+    """``step`` (every ``every`` epochs +``step``), ``linear`` or ``cosine`` (to ``end_epoch``)."""
+    warmup_epochs: int = 2
+    every: int = 1
+    step: int = 1
+    end_epoch: int | None = None
+    """Epoch at which linear/cosine reach ``max_boundary``; ``null`` = last epoch."""
+    max_boundary: int | None = None
+    """Cap on the boundary; ``null`` = all non-classifier stages but one... see docs/local-rules.md."""
+
+
+@dataclass
+class DynamicScheduleConfig:
+    """Boundary moved by the trend of the transition stage's weight updates."""
+
+    name: str = "dynamic"
+    warmup_epochs: int = 2
+    tau: float = 0.5
+    """Move when u_e / u_ref < tau ..."""
+    patience: int = 1
+    """... for this many consecutive epochs."""
+    step: int = 1
+    max_boundary: int | None = None
+
+
+@dataclass
+class DDPEngineConfig:
+    """PyTorch DistributedDataParallel over the SGD suffix."""
+
+    name: str = "ddp"
+    backend: str = "auto"
+    """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl``."""
+    timeout_s: float = 600.0
+    """Timeout of every collective: a dead rank ends the job instead of hanging it."""
+    bucket_cap_mb: float = 25.0
+
+
+@dataclass
+class DeepSpeedEngineConfig:
+    """DeepSpeed engine over the SGD suffix."""
+
+    name: str = "deepspeed"
+    backend: str = "auto"
+    timeout_s: float = 600.0
+    zero_stage: int = 0
+    gradient_clipping: float = 0.0
+    wall_clock_breakdown: bool = False
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging (rank 0 only)."""
+
+    mode: str = "offline"
+    """``offline``, ``online`` or ``disabled``; online needs WANDB_API_KEY in the environment."""
+    project: str = "distlocal"
+    entity: str | None = None
+    group: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProfilerConfig:
+    """Per-epoch memory and time accounting."""
+
+    enabled: bool = True
+    sample_steps: int = 3
+    """Steps per epoch timed phase by phase (synchronised on GPU)."""
+    calibration_steps: int = 3
+    """All-SGD steps measured at start when the run begins with local stages."""
+    memory_snapshot: bool = False
+    """CUDA only: dump a memory snapshot of the sampled step."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints under ``<run dir>/checkpoints``."""
+
+    enabled: bool = True
+    every_steps: int | None = None
+    keep: int = 2
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: str = "convnet"
+    """A registered model name, or ``tv:<torchvision name>``."""
+    mode: str = "local"
+    """``sgd``, ``local`` (LoCal+SGD) or ``freeze`` (layer-freezing baseline)."""
+    resume: str | None = None
+    """``auto`` or a checkpoint path."""
+    data: DataConfig = MISSING
+    schedule: Any = MISSING
+    engine: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profiler: ProfilerConfig = field(default_factory=ProfilerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas the YAML tree in ``configs/`` extends."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="schedule", name="base_static", node=StaticScheduleConfig)
+    cs.store(group="schedule", name="base_dynamic", node=DynamicScheduleConfig)
+    cs.store(group="engine", name="base_ddp", node=DDPEngineConfig)
+    cs.store(group="engine", name="base_deepspeed", node=DeepSpeedEngineConfig)
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the run config from ``configs/`` with Hydra's compose API (tests, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (written to ``<run dir>/config.yaml``)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

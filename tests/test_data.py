@@ -1,0 +1,419 @@
+"""Tests of distlocal.data: the data sets (with tiny on-disk fixtures) and the per-rank loaders."""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from distlocal import data as data_mod
+from distlocal.config import DataConfig
+from distlocal.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    DATASETS,
+    DataBundle,
+    SyntheticDataset,
+    build_datasets,
+    build_loaders,
+)
+from distlocal.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+
+
+def write_cifar10(root: Path, per_batch: int = 4, test: int = 6) -> Path:
+    """A CIFAR-10-format copy under ``root/cifar-10-batches-py`` with ``5*per_batch`` train samples."""
+    rng = np.random.default_rng(0)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+
+    def batch(n: int) -> dict[bytes, object]:
+        return {
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"labels": [int(v) for v in rng.integers(0, 10, size=n)],
+        }
+
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(batch(per_batch)))
+    (d / "test_batch").write_bytes(pickle.dumps(batch(test)))
+    meta = {b"label_names": [f"class{i}".encode() for i in range(10)]}
+    (d / "batches.meta").write_bytes(pickle.dumps(meta))
+    return d
+
+
+def write_cifar100(root: Path, train: int = 7, test: int = 3) -> Path:
+    rng = np.random.default_rng(1)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+
+    def split(n: int) -> dict[bytes, object]:
+        return {
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            b"fine_labels": [int(v) for v in rng.integers(0, 100, size=n)],
+            b"coarse_labels": [int(v) for v in rng.integers(0, 20, size=n)],
+        }
+
+    (d / "train").write_bytes(pickle.dumps(split(train)))
+    (d / "test").write_bytes(pickle.dumps(split(test)))
+    (d / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
+    return d
+
+
+def write_imagefolder(root: Path, classes: tuple[str, ...] = ("a", "b"), per_class: int = 2) -> Path:
+    rng = np.random.default_rng(2)
+    for split in ("train", "val"):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digits() -> DataBundle:
+    return build_datasets(DataConfig(name="digits"))
+
+
+def assert_one_line_config_error(exc: pytest.ExceptionInfo[ConfigError]) -> str:
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    return msg
+
+
+# --------------------------------------------------------------------------------------------------
+# digits
+
+
+def test_digits_sizes_shape_classes(digits: DataBundle) -> None:
+    assert (len(digits.train), len(digits.test)) == (1437, 360)
+    assert digits.in_shape == (3, 32, 32)
+    assert digits.num_classes == 10
+    x, y = digits.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.long and 0 <= int(y) < 10
+    # The three channels are copies of the grey image.
+    assert torch.equal(x[0], x[1]) and torch.equal(x[0], x[2])
+
+
+def test_digits_split_is_stratified(digits: DataBundle) -> None:
+    train_counts = Counter(digits.train.tensors[1].tolist())
+    test_counts = Counter(digits.test.tensors[1].tolist())
+    assert set(train_counts) == set(test_counts) == set(range(10))
+    for c in range(10):
+        total = train_counts[c] + test_counts[c]
+        assert abs(test_counts[c] - 0.2 * total) <= 1
+
+
+def test_digits_split_identical_across_builds(digits: DataBundle) -> None:
+    again = build_datasets(DataConfig(name="digits"))
+    for a, b in ((digits.train, again.train), (digits.test, again.test)):
+        assert all(torch.equal(t, u) for t, u in zip(a.tensors, b.tensors, strict=True))
+
+
+def test_digits_normalised_with_train_statistics(digits: DataBundle) -> None:
+    x = digits.train.tensors[0]
+    assert abs(float(x.mean())) < 1e-4
+    assert abs(float(x.std()) - 1.0) < 1e-3
+    # The test set uses the train statistics, so it is only close to, not exactly, standardised.
+    assert abs(float(digits.test.tensors[0].mean())) < 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def test_cifar10_missing_root_is_one_clear_line(tmp_path: Path) -> None:
+    root = tmp_path / "nope"
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="cifar10", root=str(root)))
+    msg = assert_one_line_config_error(exc)
+    assert "data.root" in msg and "data.download=true" in msg
+    assert str(root.resolve()) in msg and "cifar-10-batches-py" in msg
+
+
+def test_cifar_without_root_asks_for_it() -> None:
+    with pytest.raises(ConfigError, match="data.root"):
+        build_datasets(DataConfig(name="cifar100", root=None))
+
+
+def test_cifar10_partial_copy_names_missing_file(tmp_path: Path) -> None:
+    d = write_cifar10(tmp_path)
+    (d / "data_batch_3").unlink()
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert "missing data_batch_3" in assert_one_line_config_error(exc)
+
+
+def test_cifar10_corrupt_file_is_config_error(tmp_path: Path) -> None:
+    d = write_cifar10(tmp_path)
+    (d / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="cifar10", root=str(tmp_path)))
+    assert "test_batch" in assert_one_line_config_error(exc)
+
+
+def test_cifar10_loads_local_fixture(tmp_path: Path) -> None:
+    d = write_cifar10(tmp_path, per_batch=4, test=6)
+    bundle = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), augment=False))
+    assert (len(bundle.train), len(bundle.test)) == (20, 6)
+    assert bundle.in_shape == (3, 32, 32) and bundle.num_classes == 10
+    x, y = bundle.test[1]
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32) and x.dtype == torch.float32
+    # Pixel layout: a row is R(1024) G(1024) B(1024), row-major; the tensor must match it exactly.
+    raw = pickle.loads((d / "test_batch").read_bytes())
+    expected = torch.as_tensor(raw[b"data"][1].reshape(3, 32, 32), dtype=torch.float32) / 255.0
+    mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(x, (expected - mean) / std)
+    assert y == raw[b"labels"][1]
+
+
+def test_cifar10_augmented_sample_shape(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    bundle = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), augment=True))
+    x, _ = bundle.train[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_cifar100_loads_local_fixture(tmp_path: Path) -> None:
+    write_cifar100(tmp_path, train=7, test=3)
+    bundle = build_datasets(DataConfig(name="cifar100", root=str(tmp_path)))
+    assert (len(bundle.train), len(bundle.test)) == (7, 3)
+    assert bundle.num_classes == 100 and bundle.in_shape == (3, 32, 32)
+    x, y = bundle.train[6]
+    assert x.shape == (3, 32, 32) and 0 <= y < 100
+
+
+def test_cifar100_missing_root_names_layout(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="cifar100", root=str(tmp_path)))
+    assert "cifar-100-python/{train,test,meta}" in assert_one_line_config_error(exc)
+
+
+def test_cifar_download_goes_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+
+    class FakeCIFAR10:  # stands in for the network: "downloads" by writing the fixture
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((root, download))
+            write_cifar10(Path(root))
+
+    monkeypatch.setattr(data_mod.datasets, "CIFAR10", FakeCIFAR10)
+    bundle = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert calls == [(str(tmp_path.resolve()), True)]
+    assert len(bundle.train) == 20
+    # Present files are not downloaded again.
+    build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
+    assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def test_imagefolder_loads_fixture(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path)
+    for augment in (True, False):
+        bundle = build_datasets(
+            DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, augment=augment)
+        )
+        assert (len(bundle.train), len(bundle.test)) == (4, 4)
+        assert bundle.num_classes == 2 and bundle.in_shape == (3, 32, 32)
+        for ds in (bundle.train, bundle.test):
+            x, y = ds[3]
+            assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y == 1
+
+
+def test_imagefolder_val_uses_train_class_indices(tmp_path: Path) -> None:
+    write_imagefolder(tmp_path, classes=("a", "b", "c"))
+    # val lacks class "a": its own sorted order would label "b" as 0.
+    for f in (tmp_path / "val" / "a").iterdir():
+        f.unlink()
+    (tmp_path / "val" / "a").rmdir()
+    bundle = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32))
+    assert bundle.num_classes == 3
+    assert sorted(bundle.test.targets) == [1, 1, 2, 2]
+
+
+def test_imagefolder_missing_root_and_split(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "none"), image_size=32))
+    msg = assert_one_line_config_error(exc)
+    assert "train/<class>" in msg and "val/<class>" in msg
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32))
+    assert "'val'" in assert_one_line_config_error(exc)
+    (tmp_path / "val").mkdir()
+    # A class directory without images: torchvision's error, reworded as one line.
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32))
+    assert_one_line_config_error(exc)
+
+
+# --------------------------------------------------------------------------------------------------
+# synthetic
+
+
+def test_synthetic_deterministic_and_shaped() -> None:
+    cfg = DataConfig(name="synthetic", shape=[1, 12, 20], num_classes=5, train_size=30, test_size=10)
+    a, b = build_datasets(cfg), build_datasets(cfg)
+    assert a.in_shape == (1, 12, 20) and a.num_classes == 5
+    assert (len(a.train), len(a.test)) == (30, 10)
+    for i in (0, 7, 29):
+        (xa, ya), (xb, yb) = a.train[i], b.train[i]
+        assert xa.shape == (1, 12, 20) and torch.equal(xa, xb) and ya == yb
+    assert not torch.equal(a.train[0][0], a.test[0][0])
+    assert sorted(Counter(int(a.train[i][1]) for i in range(30)).values()) == [6] * 5
+
+
+def test_synthetic_labels_are_learnable() -> None:
+    bundle = build_datasets(DataConfig(name="synthetic", num_classes=4, train_size=64, test_size=32))
+    xs = torch.stack([bundle.train[i][0] for i in range(64)])
+    ys = torch.tensor([bundle.train[i][1] for i in range(64)])
+    centroids = torch.stack([xs[ys == c].mean(0) for c in range(4)]).flatten(1)
+    hits = sum(
+        int(torch.cdist(bundle.test[i][0].flatten()[None], centroids).argmin()) == bundle.test[i][1]
+        for i in range(32)
+    )
+    assert hits == 32  # nearest class mean: the class pattern dominates the noise
+
+
+def test_synthetic_uncached_path_matches_cached() -> None:
+    ds = SyntheticDataset(8, (3, 16, 16), 4, split=0, seed=1234)
+    assert ds._cache is not None
+    for i in range(8):
+        assert torch.equal(ds[i][0], ds._make(i))
+
+
+def test_synthetic_bad_shape() -> None:
+    with pytest.raises(ConfigError, match="data.shape"):
+        build_datasets(DataConfig(name="synthetic", shape=[32, 32]))
+
+
+def test_unknown_name() -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="mnist"))
+    msg = assert_one_line_config_error(exc)
+    assert msg == f"unknown data set 'mnist'; valid: {', '.join(DATASETS)}"
+
+
+def test_build_datasets_accepts_composed_config() -> None:
+    from distlocal.config import compose
+
+    cfg = compose(["data=synthetic", "data.train_size=16", "data.test_size=8"])
+    bundle = build_datasets(cfg.data)
+    assert len(bundle.train) == 16 and bundle.in_shape == (3, 32, 32)
+
+
+# --------------------------------------------------------------------------------------------------
+# loaders
+
+
+def index_bundle(n_train: int, n_test: int) -> DataBundle:
+    """Samples are their own indices, so a batch shows which samples it holds."""
+    return DataBundle(
+        train=TensorDataset(torch.arange(n_train)),
+        test=TensorDataset(torch.arange(n_test)),
+        in_shape=(1, 1, 1),
+        num_classes=2,
+    )
+
+
+def epoch_batches(loader: torch.utils.data.DataLoader) -> list[list[int]]:
+    return [batch[0].tolist() for batch in loader]
+
+
+def test_two_ranks_partition_train_set() -> None:
+    bundle = index_bundle(101, 37)
+    seen: list[list[int]] = []
+    for rank in (0, 1):
+        train, _, sampler = build_loaders(bundle, batch_size=10, rank=rank, world_size=2, seed=3)
+        sampler.set_epoch(0)
+        batches = epoch_batches(train)
+        assert len(batches) == len(train) == 5 and all(len(b) == 10 for b in batches)
+        seen.append([i for b in batches for i in b])
+    a, b = set(seen[0]), set(seen[1])
+    assert len(a) == len(seen[0]) == 50 and len(b) == 50
+    assert not a & b
+    # drop_last: 101 -> 100 = 2 x 50 samples; with batch 10 nothing more is dropped.
+    assert len(a | b) == 100 and (a | b) <= set(range(101))
+
+
+def test_test_shards_cover_every_sample_once() -> None:
+    bundle = index_bundle(40, 37)
+    shards = []
+    for rank in (0, 1):
+        _, test, _ = build_loaders(bundle, batch_size=8, rank=rank, world_size=2, seed=0)
+        shards.append([i for b in epoch_batches(test) for i in b])
+        # Not shuffled: same order every pass.
+        assert shards[-1] == [i for b in epoch_batches(test) for i in b]
+    assert sorted(shards[0] + shards[1]) == list(range(37))
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+
+
+def test_set_epoch_changes_order_reproducibly() -> None:
+    bundle = index_bundle(64, 8)
+    train, _, sampler = build_loaders(bundle, batch_size=8, rank=1, world_size=2, seed=5)
+    train2, _, sampler2 = build_loaders(bundle, batch_size=8, rank=1, world_size=2, seed=5)
+    sampler.set_epoch(0)
+    e0 = epoch_batches(train)
+    assert epoch_batches(train) == e0  # same epoch, same order
+    sampler.set_epoch(1)
+    e1 = epoch_batches(train)
+    assert e1 != e0 and sorted(sum(e1, [])) != sum(e1, [])
+    sampler2.set_epoch(1)
+    assert epoch_batches(train2) == e1  # a fresh loader (e.g. after resume) repeats it
+
+
+def test_single_process_is_the_same_code_path() -> None:
+    bundle = index_bundle(50, 10)
+    train, test, sampler = build_loaders(bundle, batch_size=8, rank=0, world_size=1, seed=0)
+    sampler.set_epoch(2)
+    batches = epoch_batches(train)
+    assert len(batches) == 6
+    assert len(set(sum(batches, []))) == 48
+    assert sum(epoch_batches(test), []) == list(range(10))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_process_big_batch_sees_the_same_samples_as_many_ranks(world_size: int) -> None:
+    bundle = index_bundle(203, 8)
+    per_rank = 5
+    single, _, s1 = build_loaders(bundle, batch_size=world_size * per_rank, rank=0, world_size=1, seed=9)
+    ranks = [
+        build_loaders(bundle, batch_size=per_rank, rank=r, world_size=world_size, seed=9)
+        for r in range(world_size)
+    ]
+    for epoch in (0, 1):
+        s1.set_epoch(epoch)
+        for _, _, s in ranks:
+            s.set_epoch(epoch)
+        one = epoch_batches(single)
+        many = [epoch_batches(loader) for loader, _, _ in ranks]
+        assert all(len(m) == len(one) == 203 // (world_size * per_rank) for m in many)
+        for step, batch in enumerate(one):
+            assert sorted(batch) == sorted(i for m in many for i in m[step])
+
+
+def test_batch_larger_than_rank_share_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="trainer.batch_size"):
+        build_loaders(index_bundle(30, 4), batch_size=16, rank=0, world_size=2, seed=0)
+
+
+def test_loader_with_workers_on_real_data(digits: DataBundle) -> None:
+    train, test, sampler = build_loaders(digits, batch_size=64, rank=0, world_size=2, seed=0, num_workers=2)
+    sampler.set_epoch(0)
+    x, y = next(iter(train))
+    assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
+    assert sum(len(b[1]) for b in test) == 180

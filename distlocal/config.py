@@ -116,7 +116,7 @@ class StaticScheduleConfig:
     end_epoch: int | None = None
     """Epoch at which linear/cosine reach ``max_boundary``; ``null`` = last epoch."""
     max_boundary: int | None = None
-    """Cap on the boundary; ``null`` = all non-classifier stages but one... see docs/local-rules.md."""
+    """Cap on the boundary; ``null`` = every non-classifier stage (num_stages - 1)."""
 
 
 @dataclass
@@ -126,7 +126,7 @@ class DynamicScheduleConfig:
     name: str = "dynamic"
     warmup_epochs: int = 2
     tau: float = 0.5
-    """Move when u_e / u_ref < tau ..."""
+    """Move when u_e / u_ref < tau (u_ref: the first u after warm-up or after the last move) ..."""
     patience: int = 1
     """... for this many consecutive epochs."""
     step: int = 1

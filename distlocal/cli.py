@@ -1,0 +1,116 @@
+"""What the entry point does before and around Hydra: argv clean-up, one-line errors, run dir."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import sys
+
+from distlocal.errors import ConfigError
+
+_LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the deepspeed launcher appends (Hydra rejects it).
+
+    The launcher also sets ``LOCAL_RANK`` in the environment, which is what we read.
+    """
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if _LOCAL_RANK.match(a):
+            skip = "=" not in a  # "--local_rank 0" form: drop the value too
+            continue
+        out.append(a)
+    return out
+
+
+def overrides_of(argv: list[str]) -> list[str] | None:
+    """The plain ``key=value`` overrides of argv, or ``None`` when Hydra flags make a pre-check moot."""
+    if any(a in ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-c", "--cfg") or
+           a.startswith(("--cfg=", "--info=")) for a in argv):
+        return None
+    return [a for a in argv if not a.startswith("-") and not a.startswith(("hydra.", "hydra/", "+hydra"))]
+
+
+def explain(exc: BaseException) -> str:
+    """One line for a Hydra/OmegaConf composition error."""
+    from hydra.errors import MissingConfigException
+
+    msg = str(exc)
+    if isinstance(exc, MissingConfigException):
+        m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+        if m:
+            group, name = m.groups()
+            opts = [o.strip() for o in msg.split(f"Available options in '{group}':", 1)[-1].split("\n")
+                    if o.startswith("\t") and not o.strip().startswith("base_")]
+            return f"unknown {group} '{name}'; valid: {', '.join(opts)}"
+    first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first += " — " + str(cause).strip().splitlines()[0]
+    if "is not in struct" in first:
+        first += " (check the spelling; `python launch/train.py --cfg job` lists every key)"
+    return first
+
+
+def die(message: str, code: int = 2) -> None:
+    """Print ``distlocal: error: <message>`` on one line to stderr and exit."""
+    print(f"distlocal: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(code)
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose the config once before Hydra runs, so a bad key is one line and writes nothing."""
+    overrides = overrides_of(argv)
+    if overrides is None:
+        return
+    from distlocal.config import compose
+    from distlocal.models import build_model  # noqa: F401  (registry import is cheap)
+
+    try:
+        cfg = compose(overrides)
+    except Exception as exc:  # Hydra raises several exception types; all become one line
+        die(explain(exc))
+    try:
+        check_names(cfg)
+    except ConfigError as exc:
+        die(str(exc))
+
+
+def check_names(cfg) -> None:
+    """Names that only the code knows: models, modes, rules."""
+    from distlocal.config import MODES
+    from distlocal.local.rules import RULES
+    from distlocal.models import model_names
+
+    if not cfg.model.startswith("tv:") and cfg.model not in model_names():
+        raise ConfigError(
+            f"unknown model '{cfg.model}'; valid models: {', '.join(model_names())}, or tv:<torchvision name>"
+        )
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
+    if cfg.local.rule not in RULES:
+        raise ConfigError(f"unknown local.rule '{cfg.local.rule}'; valid: {', '.join(RULES)}")
+
+
+def agreed_run_dir(argv: list[str]) -> list[str]:
+    """Under several ranks, make every rank use rank 0's run directory.
+
+    Hydra's default run dir embeds the time, which differs between ranks started a second
+    apart; rank 0 picks it and the others receive it through the process group.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    if any(a in ("-m", "--multirun") for a in argv):
+        return argv
+    from distlocal.dist.env import broadcast_object, init_distributed
+
+    env = init_distributed()
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    stamp = broadcast_object(stamp, env)
+    return [*argv, f"hydra.run.dir=outputs/{stamp}"]

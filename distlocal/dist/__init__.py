@@ -1,0 +1,1 @@
+"""Distributed plumbing: process group set-up, the engine over the SGD suffix, delta sync."""

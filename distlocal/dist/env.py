@@ -1,0 +1,94 @@
+"""Process-group set-up shared by torchrun, the deepspeed launcher and plain ``python``."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from distlocal.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits: its rank, the world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes files, logs and shows progress."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _pick_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    if device == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"unknown trainer.device '{device}'; valid: auto, cpu, cuda")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group described by the launcher's env vars (idempotent).
+
+    ``torchrun`` and the ``deepspeed`` launcher both set ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; a plain ``python`` run has none and
+    stays a single process without a process group. Every collective gets ``timeout_s``, so a
+    dead rank ends the job with an error instead of a hang.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+        if backend not in ("gloo", "nccl"):
+            raise ConfigError(f"unknown engine.backend '{backend}'; valid: auto, gloo, nccl")
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+        )
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum a few scalars across ranks in one collective (epoch metrics)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if env.distributed:
+        if dist.get_backend() == "nccl":
+            t = t.to(env.device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def broadcast_object(obj: object, env: DistEnv) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,223 @@
+"""The boundary-split model: a local prefix updated in its forward pass, an SGD suffix.
+
+Stages ``[0, boundary)`` run under ``torch.no_grad()``; forward hooks on their ``Conv2d`` and
+``Linear`` modules compute the rule's delta from each module's own input and output while the
+forward runs, so no activation of the prefix is ever kept. The deltas (scaled by the local
+learning rate in force) accumulate in one flat buffer, which is also what the ranks average in a
+single all-reduce: see :class:`distlocal.dist.sync.DeltaSync`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distlocal.local.rules import LocalRule, is_finite
+from distlocal.models.staged import StagedModel
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@dataclass
+class _Slot:
+    """Where one local module's delta lives in the flat buffer."""
+
+    module: nn.Module
+    name: str
+    stage: int
+    w: torch.Tensor
+    b: torch.Tensor | None
+
+
+class LocalLearner:
+    """Owns the local prefix of a :class:`StagedModel`: its hooks, deltas and BN statistics.
+
+    The flat buffer is laid out as ``[deltas | BN running stats | loss_sum, loss_count]`` so one
+    all-reduce carries everything the ranks must agree on.
+    """
+
+    def __init__(
+        self, model: StagedModel, rule: LocalRule, update_every: int = 1, sample_fraction: float = 1.0
+    ) -> None:
+        if update_every < 1:
+            raise ValueError("local.update_every must be >= 1")
+        if not 0.0 < sample_fraction <= 1.0:
+            raise ValueError("local.sample_fraction must be in (0, 1]")
+        self.model = model
+        self.rule = rule
+        self.update_every = update_every
+        self.sample_fraction = sample_fraction
+        self.boundary = 0
+        self.lr = 0.0  # local learning rate in force for the next forward (eta0 * multiplier)
+        self._update_now = False
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._slots: list[_Slot] = []
+        self._bn: list[nn.Module] = []
+        self._switch: dict[str, torch.Tensor] = {}  # weights when their stage turned local (drift)
+        self.buffer = torch.zeros(0)
+        self._n_delta = 0
+        self._n_stats = 0
+        self.pending_steps = 0  # steps accumulated in the buffer since the last apply
+        self.skipped_updates = 0
+
+    # ------------------------------------------------------------------ boundary
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the local stages ``[0, boundary)``."""
+        return [p for s in self.model.stages[: self.boundary] for p in s.parameters()]
+
+    def set_boundary(self, boundary: int) -> list[nn.Parameter]:
+        """Move the boundary (never back); returns the parameters that just turned local.
+
+        Newly local parameters get ``requires_grad=False`` and lose their ``.grad``; the caller
+        drops them from the optimizer and rebuilds the engine over the new suffix.
+        """
+        if boundary < self.boundary:
+            raise ValueError(f"the boundary never moves back ({self.boundary} -> {boundary})")
+        if boundary > self.model.num_stages - 1:
+            raise ValueError("the classifier stage is never local")
+        if boundary == self.boundary:
+            return []
+        old = self.boundary
+        self.boundary = boundary
+        newly = [p for s in self.model.stages[old:boundary] for p in s.parameters()]
+        for p in newly:
+            p.requires_grad_(False)
+            p.grad = None
+        self._rebuild_layout(first_new_stage=old)
+        return newly
+
+    def _rebuild_layout(self, first_new_stage: int) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._slots, self._bn = [], [], []
+        stage_modules = []
+        for i, stage in enumerate(self.model.stages[: self.boundary]):
+            for name, mod in stage.named_modules():
+                full = f"stages.{i}.{name}" if name else f"stages.{i}"
+                if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                    stage_modules.append((i, full, mod))
+                    if i >= first_new_stage:
+                        self._switch[full] = mod.weight.detach().clone()
+                elif isinstance(mod, _BN) and mod.track_running_stats:
+                    self._bn.append(mod)
+        use_rule = self.rule.name != "freeze"
+        n_delta = 0
+        if use_rule:
+            n_delta = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+                          for _, _, m in stage_modules)
+        n_stats = sum(m.running_mean.numel() + m.running_var.numel() for m in self._bn)
+        device = next(self.model.parameters()).device
+        self.buffer = torch.zeros(n_delta + n_stats + 2, device=device, dtype=torch.float32)
+        self._n_delta, self._n_stats = n_delta, n_stats
+        if use_rule:
+            off = 0
+            for i, full, mod in stage_modules:
+                w = self.buffer[off: off + mod.weight.numel()].view_as(mod.weight)
+                off += mod.weight.numel()
+                b = None
+                if mod.bias is not None:
+                    b = self.buffer[off: off + mod.bias.numel()].view_as(mod.bias)
+                    off += mod.bias.numel()
+                slot = _Slot(mod, full, i, w, b)
+                self._slots.append(slot)
+                self._hooks.append(mod.register_forward_hook(self._make_hook(slot)))
+        self.pending_steps = 0
+
+    def _make_hook(self, slot: _Slot):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            # Only inside prefix_forward on an update step: the hook must not fire when the
+            # whole model runs for evaluation.
+            if not self._update_now:
+                return
+            x = inputs[0]
+            if self.sample_fraction < 1.0:
+                n = max(1, math.ceil(self.sample_fraction * x.shape[0]))
+                x, output = x[:n], output[:n]
+            d = self.rule.delta(module, x, output)
+            if d is None:
+                return
+            dw, db = d
+            slot.w.add_(dw, alpha=self.lr)
+            if slot.b is not None and db is not None:
+                slot.b.add_(db, alpha=self.lr)
+        return hook
+
+    # ------------------------------------------------------------------ step
+    @property
+    def has_local(self) -> bool:
+        return self.boundary > 0
+
+    def prefix_forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Run the local stages without autograd; on update steps the hooks add ``lr * delta``."""
+        if not self.has_local:
+            return x
+        self._update_now = bool(self._slots) and step % self.update_every == 0 and self.lr > 0
+        try:
+            with torch.no_grad():
+                h = self.model.forward_range(x, 0, self.boundary)
+        finally:
+            self._update_now = False
+        self.pending_steps += 1
+        return h
+
+    def add_loss(self, loss: float) -> None:
+        """Record a step's loss in the buffer, so the ranks average it with the deltas."""
+        if self.has_local:
+            self.buffer[-2] += loss
+            self.buffer[-1] += 1.0
+
+    def pack_stats(self) -> None:
+        """Copy the prefix BatchNorm running statistics into the buffer (before the all-reduce)."""
+        off = self._n_delta
+        for bn in self._bn:
+            for t in (bn.running_mean, bn.running_var):
+                self.buffer[off: off + t.numel()].copy_(t.reshape(-1))
+                off += t.numel()
+
+    def apply(self) -> float | None:
+        """Apply the (rank-averaged) buffer: deltas to weights, stats back to BatchNorm.
+
+        Returns the mean loss the buffer carried (``None`` if it carried none). A non-finite
+        delta is never applied: the update is skipped and counted.
+        """
+        off = self._n_delta
+        for bn in self._bn:
+            for t in (bn.running_mean, bn.running_var):
+                t.copy_(self.buffer[off: off + t.numel()].view_as(t))
+                off += t.numel()
+        deltas = self.buffer[: self._n_delta]
+        if self._n_delta and not is_finite(deltas, None):
+            self.skipped_updates += 1
+        else:
+            with torch.no_grad():
+                for s in self._slots:
+                    self.rule.apply(s.module, s.w, s.b, 1.0)
+        count = float(self.buffer[-1])
+        loss = float(self.buffer[-2]) / count if count > 0 else None
+        self.buffer.zero_()
+        self.pending_steps = 0
+        return loss
+
+    @property
+    def delta_bytes(self) -> int:
+        """Bytes one sync sends (deltas, BN statistics and the loss slots)."""
+        return self.buffer.numel() * self.buffer.element_size() if self.has_local else 0
+
+    # ------------------------------------------------------------------ health
+    def drift(self) -> dict[str, float]:
+        """Per local layer, ``||W - W_switch|| / ||W_switch||``."""
+        out = {}
+        for s in self._slots:
+            ref = self._switch.get(s.name)
+            if ref is not None:
+                out[s.name] = float((s.module.weight - ref).norm() / ref.norm().clamp_min(1e-12))
+        return out
+
+    def remove_hooks(self) -> None:
+        """Detach the forward hooks (end of training)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

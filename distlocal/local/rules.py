@@ -1,0 +1,284 @@
+"""Local (Hebbian) learning rules for ``Conv2d`` and ``Linear`` layers, as pure tensor functions.
+
+A rule sees a layer's input ``x`` and its own output ``z`` (bias included, before any
+normalisation) and produces a weight delta ``(dW, db)``. ``⟨·⟩`` below is the mean over the
+batch and every spatial (or other leading) position:
+
+========== ======================================= ======================================
+rule       dW                                      db
+========== ======================================= ======================================
+hebb       ⟨z xᵀ⟩                                   ⟨z⟩
+oja        ⟨z xᵀ⟩ − ⟨z²⟩ ⊙ W                        ⟨z⟩ − ⟨z²⟩ ⊙ b
+softhebb   ⟨y xᵀ⟩ − ⟨y z⟩ ⊙ W,  y = softmax(z/τ)    ⟨y⟩ − ⟨y z⟩ ⊙ b
+freeze     (nothing: ``delta`` returns ``None``)
+========== ======================================= ======================================
+
+``⟨z²⟩``, ``⟨y z⟩`` are per output channel and broadcast over that channel's filter. The bias is
+treated as the weight of a constant input 1, which is where its column of the table comes from.
+
+The work is split in two so that the distributed invariant holds (DESIGN §3): every ``delta`` is a
+*mean over samples* of per-sample terms (the ``W``/``b`` factors are the current weights, identical
+on every rank), so averaging the deltas of N equal shards gives the delta of the whole batch.
+Anything non-linear — ``hebb``'s norm-preserving rescale — happens in ``apply``, which runs on the
+averaged delta. The learning rate η is applied in ``apply`` too, never inside the delta, so weak
+supervision can change it without recomputing anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distlocal.errors import ConfigError
+
+RULES = ("hebb", "oja", "softhebb", "freeze")
+
+Delta = tuple[Tensor, Tensor | None]
+
+# Guards hebb's rescale against dividing by a zero-norm filter.
+_EPS = 1e-12
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """float64 stays float64 (tests, reference runs); everything else is computed in float32.
+
+    bf16/fp16 accumulations over B·H'·W' positions lose too much precision for a weight update
+    that is a small difference of large terms (oja, softhebb).
+    """
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _conv_input(module: nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """The conv input with string paddings resolved to explicit zero padding.
+
+    Returns ``(x, padding)`` where ``padding`` is the symmetric padding to hand to the weight GEMM.
+    ``padding='same'`` with an even total is asymmetric in PyTorch (the extra row/column goes
+    right/bottom), which no symmetric ``padding`` argument can express, so ``x`` is padded here.
+    """
+    if module.padding_mode != "zeros":
+        raise ConfigError(
+            f"local rules support Conv2d(padding_mode='zeros') only, got padding_mode="
+            f"'{module.padding_mode}' in {module}"
+        )
+    pad = module.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return x, (0, 0)
+        # 'same': total padding d·(k−1) per dim; left gets the floor, right the rest (as aten does).
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        left = [t // 2 for t in total]
+        if all(t % 2 == 0 for t in total):
+            return x, (left[0], left[1])
+        # F.pad takes the last dim first: (w_left, w_right, h_left, h_right).
+        x = F.pad(x, (left[1], total[1] - left[1], left[0], total[0] - left[0]))
+        return x, (0, 0)
+    return x, (int(pad[0]), int(pad[1]))
+
+
+def _flatten_linear(t: Tensor) -> Tensor:
+    """``(B, *, F)`` → ``(N, F)``: every leading position counts as a sample."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def correlation(module: nn.Module, x: Tensor, z: Tensor) -> Delta:
+    """``(⟨z xᵀ⟩, ⟨z⟩)`` for a ``Conv2d`` or ``Linear`` — the rules' one GEMM.
+
+    ``z`` has the module's output shape; it is the output itself (hebb, oja) or any per-output
+    signal such as softhebb's ``y``. The first item has the weight's shape; the second is the
+    per-output-channel mean of ``z`` (the bias "correlation", bias = weight of a constant input 1),
+    or ``None`` when the module has no bias. Inputs are cast to float32 (float64 kept).
+
+    Conv2d: ``torch.ops.aten.convolution_backward`` with only the weight output requested — the
+    same GEMM ``torch.nn.grad.conv2d_weight`` runs (it is a thin wrapper) — divided by B·H'·W'.
+    Strided, padded (incl. ``'same'``/``'valid'``), dilated, grouped and depthwise convs are
+    handled by the GEMM itself; ``padding_mode`` other than ``'zeros'`` raises ``ConfigError``.
+    Linear: ``x`` is ``(B, in)`` or ``(B, *, in)``, ``z`` likewise; one ``zᵀ x`` matmul.
+    """
+    dtype = _compute_dtype(x)
+    # Autocast would silently run the matmul below in fp16/bf16 again; the delta must be float32.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.to(dtype)
+        z = z.to(dtype)
+        has_bias = getattr(module, "bias", None) is not None
+        if isinstance(module, nn.Conv2d):
+            if x.dim() != 4 or z.dim() != 4:
+                raise ValueError(
+                    f"Conv2d rule expects 4-D x and z, got {tuple(x.shape)} and {tuple(z.shape)}"
+                )
+            x, padding = _conv_input(module, x)
+            n = z.shape[0] * z.shape[2] * z.shape[3]
+            # The GEMM only reads the weight's shape: an expanded 1-element tensor costs nothing.
+            w_shape = z.new_empty(1).expand(module.weight.shape)
+            corr = torch.ops.aten.convolution_backward(
+                z,
+                x,
+                w_shape,
+                None,
+                list(module.stride),
+                list(padding),
+                list(module.dilation),
+                False,
+                [0, 0],
+                module.groups,
+                (False, True, False),
+            )[1]
+            corr = corr / n
+            corr_b = z.mean(dim=(0, 2, 3)) if has_bias else None
+            return corr, corr_b
+        if isinstance(module, nn.Linear):
+            x2 = _flatten_linear(x)
+            z2 = _flatten_linear(z)
+            n = z2.shape[0]
+            corr = (z2.t() @ x2) / n
+            corr_b = z2.mean(dim=0) if has_bias else None
+            return corr, corr_b
+    raise TypeError(f"local rules act on nn.Conv2d and nn.Linear, got {type(module).__name__}")
+
+
+def _channel_mean(module: nn.Module, t: Tensor) -> Tensor:
+    """Per-output-channel mean over batch and positions (channel dim 1 for conv, last for linear)."""
+    if isinstance(module, nn.Conv2d):
+        return t.mean(dim=(0, 2, 3))
+    return _flatten_linear(t).mean(dim=0)
+
+
+def _channel_mean_sq(module: nn.Module, z: Tensor) -> Tensor:
+    """Per-output-channel ``⟨z²⟩``; a norm reduction does not materialise ``z²`` (an activation-sized
+    temporary)."""
+    if isinstance(module, nn.Conv2d):
+        n = z.shape[0] * z.shape[2] * z.shape[3]
+        return torch.linalg.vector_norm(z, dim=(0, 2, 3)).square() / n
+    z2 = _flatten_linear(z)
+    return torch.linalg.vector_norm(z2, dim=0).square() / z2.shape[0]
+
+
+def _per_channel(v: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-output-channel vector to broadcast over a weight of shape ``like``."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _decay(module: nn.Module, corr: Delta, scale: Tensor, dtype: torch.dtype) -> Delta:
+    """``corr − scale ⊙ [W, b]``: the subtractive normalisation shared by oja and softhebb."""
+    w = module.weight.detach().to(dtype)
+    dw = corr[0] - _per_channel(scale, w) * w
+    db = None
+    if corr[1] is not None:
+        db = corr[1] - scale * module.bias.detach().to(dtype)
+    return dw, db
+
+
+@dataclass(frozen=True)
+class LocalRule:
+    """One local rule: ``delta`` computes the (shard-averageable) delta, ``apply`` writes it.
+
+    Build with :func:`make_rule`. ``temperature`` is softhebb's τ (ignored by the others).
+    """
+
+    name: str
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        # Validated here rather than only in make_rule, so a directly built rule cannot be bogus.
+        if self.name not in RULES:
+            raise ConfigError(f"unknown local rule '{self.name}'; choose one of: {', '.join(RULES)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"local.temperature must be > 0, got {self.temperature}")
+
+    def delta(self, module: nn.Module, x: Tensor, z: Tensor) -> Delta | None:
+        """``(dW, db)`` for ``module`` from its input ``x`` and output ``z``; ``None`` for freeze.
+
+        ``db`` is ``None`` when the module has no bias. Results are float32 (float64 if the input
+        is float64), not scaled by η, and may be non-finite — callers check :func:`is_finite`.
+        Must be called under ``torch.no_grad()`` (the hooks are); nothing here builds a graph.
+        """
+        if self.name == "freeze":
+            # Freezing costs nothing: not even the GEMM.
+            return None
+        dtype = _compute_dtype(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            z = z.to(dtype)
+            if self.name == "hebb":
+                return correlation(module, x, z)
+            if self.name == "oja":
+                return _decay(module, correlation(module, x, z), _channel_mean_sq(module, z), dtype)
+            if self.name == "softhebb":
+                # Soft winner-take-all over *all* output channels at each position, also for grouped
+                # convs: the competition is between the layer's output features, whatever group
+                # their inputs come from.
+                dim = 1 if isinstance(module, nn.Conv2d) else -1
+                y = torch.softmax(z / self.temperature, dim=dim)
+                return _decay(module, correlation(module, x, y), _channel_mean(module, y * z), dtype)
+        raise AssertionError(f"unreachable: rule {self.name!r}")
+
+    def apply(self, module: nn.Module, dW: Tensor, db: Tensor | None, lr: float) -> None:
+        """Write the (possibly rank-averaged) delta into ``module`` in place: ``W += lr·dW``.
+
+        hebb then rescales each output filter — its weights *and* its bias together, the bias being
+        the weight of a constant input — back to that filter's norm before the update. Including
+        the bias matters: left out, ``b += η⟨z⟩`` feeds back on itself (a larger ``b`` raises
+        ``⟨z⟩``) and grows without bound. oja and softhebb normalise themselves and are applied
+        as is. ``freeze`` is a no-op. Non-finite deltas are applied as they are: skipping them is
+        the caller's job (:func:`is_finite`). ``db`` is ignored for a module without bias.
+        """
+        if self.name == "freeze":
+            return
+        with torch.no_grad():
+            weight = module.weight
+            bias = getattr(module, "bias", None)
+            if db is not None and bias is None:
+                raise ValueError(f"a bias delta was given for {module}, which has no bias")
+            if db is None:
+                bias = None
+            if self.name == "hebb":
+                _apply_norm_preserving(weight, bias, dW, db, lr)
+                return
+            _add_(weight, dW, lr)
+            if bias is not None:
+                _add_(bias, db, lr)
+
+
+def _add_(param: Tensor, delta: Tensor, lr: float) -> None:
+    """``param += lr·delta`` in place, computed in the delta's precision."""
+    if param.dtype == delta.dtype:
+        param.add_(delta, alpha=lr)
+    else:
+        # A low-precision parameter: add in float32, round once.
+        param.copy_(param.to(delta.dtype).add_(delta, alpha=lr))
+
+
+def _apply_norm_preserving(
+    weight: Tensor, bias: Tensor | None, dW: Tensor, db: Tensor | None, lr: float
+) -> None:
+    """hebb's application: per output filter ``[W_c, b_c]``, add ``lr·[dW_c, db_c]`` and restore its norm."""
+    dtype = dW.dtype
+    w = weight.to(dtype).reshape(weight.shape[0], -1)
+    d = dW.reshape(dW.shape[0], -1)
+    if bias is not None:
+        w = torch.cat([w, bias.to(dtype).unsqueeze(1)], dim=1)
+        d = torch.cat([d, db.to(dtype).unsqueeze(1)], dim=1)
+    old_norm = w.norm(dim=1, keepdim=True)
+    new = w + lr * d
+    new = new * (old_norm / new.norm(dim=1, keepdim=True).clamp_min(_EPS))
+    if bias is not None:
+        bias.copy_(new[:, -1])
+        new = new[:, :-1]
+    weight.copy_(new.reshape(weight.shape))
+
+
+def make_rule(name: str, temperature: float = 1.0) -> LocalRule:
+    """The rule called ``name`` (one of :data:`RULES`); ``temperature`` is softhebb's τ > 0."""
+    return LocalRule(name=name, temperature=float(temperature))
+
+
+def is_finite(dW: Tensor, db: Tensor | None) -> bool:
+    """True when every entry of ``dW`` (and ``db``, if given) is finite.
+
+    One host sync; callers check once per applied update, not per element.
+    """
+    ok = torch.isfinite(dW).all()
+    if db is not None:
+        ok = ok & torch.isfinite(db).all()
+    return bool(ok)

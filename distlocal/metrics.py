@@ -1,0 +1,116 @@
+"""Per-epoch metric sinks: ``metrics.jsonl``, ``summary.csv`` and wandb (rank 0 only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def _clean(v: Any) -> Any:
+    # JSON has no NaN/inf: write them as null so every reader parses the file.
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsLogger:
+    """Appends one row per epoch to ``metrics.jsonl``, rewrites ``summary.csv``, logs to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, tags: list[str]) -> None:
+        self.run_dir = run_dir
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "summary.csv"
+        if cfg.wandb.mode != "disabled":
+            self.wandb_run = _init_wandb(run_dir, cfg, tags)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Record one epoch's row everywhere."""
+        if not self.enabled:
+            return
+        row = {k: _clean(v) for k, v in row.items()}
+        self.rows.append(row)
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys: list[str] = []
+        for r in self.rows:
+            keys.extend(k for k in r if k not in keys)
+        tmp = self.csv.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+        os.replace(tmp, self.csv)
+        if self.wandb_run is not None:
+            self.wandb_run.log(_wandb_keys(row), step=int(row["epoch"]))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Write the run summary (``summary.json`` and ``wandb.summary``) and close wandb."""
+        if not self.enabled:
+            return
+        summary = {k: _clean(v) for k, v in summary.items()}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.wandb_run is not None:
+            import wandb
+
+            for k, v in summary.items():
+                self.wandb_run.summary[k] = v
+            table = wandb.Table(columns=["epoch", "boundary"],
+                                data=[[r["epoch"], r.get("boundary", 0)] for r in self.rows])
+            self.wandb_run.log({"local/boundary_table": table})
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+# Flat metrics.jsonl keys are the public contract; wandb gets them under prefixes.
+_PREFIX = {
+    "train_loss": "train/", "test_loss": "test/", "test_acc": "test/", "lr": "train/",
+    "epoch_time_s": "time/", "samples_per_s": "time/", "step_time_s": "time/",
+    "step_time_ref_s": "time/", "speedup": "time/", "rebuild_ms": "time/", "sync_ms": "time/",
+    "boundary": "local/", "local_lr": "local/", "u": "local/", "u_ratio": "local/", "moved": "local/",
+    "skipped_updates": "local/", "drift_max": "local/", "drift_mean": "local/",
+    "grad_allreduce_bytes": "comm/", "delta_sync_bytes": "comm/",
+}
+
+
+def _wandb_keys(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in row.items():
+        if k == "epoch" or v is None:
+            continue
+        if k.startswith(("time_", "phase_")):
+            out["time/" + k] = v
+        elif k.startswith(("mem", "activation", "peak_", "cuda_", "nvml_", "param_", "grad_bytes", "optim")):
+            out["mem/" + k] = v
+        elif k.startswith("drift/"):
+            out["local/" + k] = v
+        else:
+            out[_PREFIX.get(k, "") + k] = v
+    return out
+
+
+def _init_wandb(run_dir: Path, cfg: DictConfig, tags: list[str]):
+    import wandb
+
+    mode = cfg.wandb.mode
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        # No key in the environment: keep the run offline (sync later) rather than prompt or hang.
+        print("distlocal: WANDB_API_KEY is not set; logging wandb offline (wandb sync later)")
+        mode = "offline"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return wandb.init(
+        project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group,
+        name=cfg.wandb.name or run_dir.name, tags=list(cfg.wandb.tags) + tags,
+        config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+        settings=wandb.Settings(console="off", silent=True),
+    )

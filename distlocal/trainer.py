@@ -1,0 +1,250 @@
+"""The training loop: one LoCal+SGD step readable top to bottom.
+
+A step is (DESIGN §3)::
+
+    h = learner.prefix_forward(x)   # local stages, no autograd; hooks accumulate lr * delta
+    out = engine.forward(h)         # SGD suffix (DDP-wrapped)
+    engine.backward_step(loss)      # gradients + all-reduce of the suffix only
+    sync.start(); sync.finish()     # one all-reduce of deltas, BN stats and loss; apply
+
+The boundary moves (never back) at epoch starts, decided by the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from distlocal import checkpoint
+from distlocal.config import MODES, to_yaml
+from distlocal.data import build_datasets, build_loaders
+from distlocal.dist.ddp import build_engine
+from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
+from distlocal.dist.sync import DeltaSync
+from distlocal.errors import ConfigError
+from distlocal.local.learner import LocalLearner
+from distlocal.local.rules import make_rule
+from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
+from distlocal.local.supervision import WeakSupervision
+from distlocal.metrics import MetricsLogger
+from distlocal.models import build_model
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Same seed on every rank, so every replica starts from identical weights."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def lr_lambda(cfg, steps_per_epoch: int):
+    """Per-step LR multiplier: linear warm-up, then cosine, step or constant."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.lr_warmup_epochs * steps_per_epoch)
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        if cfg.lr_schedule == "step":
+            return cfg.lr_gamma ** (step // max(1, cfg.lr_step_epochs * steps_per_epoch))
+        return 1.0
+
+    return f
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks Hydra's schema cannot express; each failure is one clear line."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
+    if cfg.trainer.precision not in ("32", "bf16", "16"):
+        raise ConfigError(f"unknown trainer.precision '{cfg.trainer.precision}'; valid: 32, bf16, 16")
+    if cfg.trainer.lr_schedule not in ("cosine", "step", "constant"):
+        raise ConfigError(
+            f"unknown trainer.lr_schedule '{cfg.trainer.lr_schedule}'; valid: cosine, step, constant")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"unknown wandb.mode '{cfg.wandb.mode}'; valid: offline, online, disabled")
+    if cfg.trainer.epochs < 1 or cfg.trainer.batch_size < 1:
+        raise ConfigError("trainer.epochs and trainer.batch_size must be >= 1")
+
+
+def _autocast(env: DistEnv, precision: str):
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    return torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> tuple[float, float]:
+    """Test loss and top-1 accuracy (%) over the whole test set, summed across ranks."""
+    model.eval()
+    loss_sum = correct = n = 0.0
+    for x, y in loader:
+        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        with _autocast(env, precision):
+            out = model(x)
+        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+        correct += float((out.argmax(1) == y).sum())
+        n += y.numel()
+    model.train()
+    loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], env)
+    return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+
+
+def train(cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing the run directory from rank 0; returns the run summary."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
+    tc = cfg.trainer
+    seed_everything(tc.seed, tc.deterministic)
+    if tc.batch_size % env.world_size:
+        raise ConfigError(
+            f"trainer.batch_size={tc.batch_size} is not divisible by the world size {env.world_size}")
+
+    # ---- data, model, local learning machinery -------------------------------------------
+    bundle = build_datasets(cfg.data)
+    train_loader, test_loader, sampler = build_loaders(
+        bundle, tc.batch_size // env.world_size, env.rank, env.world_size, tc.seed, cfg.data.num_workers)
+    model = build_model(cfg.model, bundle.in_shape, bundle.num_classes).to(env.device)
+    model.train()
+    rule = make_rule("freeze" if cfg.mode == "freeze" else cfg.local.rule, temperature=cfg.local.temperature)
+    schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
+    learner = LocalLearner(model, rule, cfg.local.update_every, cfg.local.sample_fraction)
+    sync = DeltaSync(learner, env, cfg.local.sync_every, cfg.local.sync_async)
+    ws = WeakSupervision.from_config(cfg.local.weak_supervision)
+    engine = build_engine(cfg.engine, model, env, tc)
+    steps_per_epoch = len(train_loader) if tc.max_steps_per_epoch is None else min(
+        len(train_loader), tc.max_steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(tc, steps_per_epoch))
+
+    # ---- run directory: rank 0 alone writes it ---------------------------------------------
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    tags = [f"mode:{cfg.mode}", f"rule:{rule.name}", f"model:{cfg.model}", f"data:{cfg.data.name}",
+            f"engine:{cfg.engine.name}", f"world:{env.world_size}"]
+    logger = MetricsLogger(run_dir, cfg, enabled=env.is_main, tags=tags)
+    if env.is_main:
+        print(f"distlocal: run dir {run_dir.resolve()} | model {cfg.model} ({model.num_stages} stages) | "
+              f"mode {cfg.mode} | data {cfg.data.name} | world {env.world_size} | device {env.device}")
+
+    best_acc, acc, boundaries = 0.0, 0.0, []
+    global_step = 0
+    for epoch in range(tc.epochs):
+        # ---- move the boundary (epoch start, never back) ------------------------------------
+        n_rebuilds = len(engine.rebuild_ms)
+        target = 0 if schedule is None else schedule.boundary(epoch)
+        if target > learner.boundary:
+            newly = learner.set_boundary(target)
+            engine.set_boundary(target, newly)
+            ws.reset_reference()
+        transition = stage_weights(model.stages[learner.boundary])
+        boundaries.append(learner.boundary)
+
+        sampler.set_epoch(epoch)
+        sync.reset_counters()
+        engine.grad_allreduce_bytes = engine.grad_allreduce_steps = 0
+        loss_sum = n_seen = 0.0
+        t0 = time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not (env.is_main and tc.progress),
+                   leave=False, mininterval=1.0)
+        for step, (x, y) in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            learner.lr = cfg.local.lr * ws.multiplier
+            sync_now = learner.has_local and (sync.is_sync_step(step) or step == steps_per_epoch - 1)
+
+            with _autocast(env, tc.precision):
+                h = learner.prefix_forward(x, step)          # local stages: no graph, deltas in hooks
+            if sync_now and cfg.local.sync_async:
+                sync.start()                                  # overlaps the suffix below
+            with _autocast(env, tc.precision):
+                out = engine.forward(h)
+                loss = F.cross_entropy(out.float(), y)
+            engine.backward_step(loss)                        # suffix grads + their all-reduce
+            scheduler.step()
+            loss_val = float(loss.detach())
+            if not cfg.local.sync_async:
+                learner.add_loss(loss_val)
+            if sync_now:
+                if not cfg.local.sync_async:
+                    sync.start()
+                skipped_before = learner.skipped_updates
+                mean_loss = sync.finish()                     # identical on every rank
+                if learner.skipped_updates > skipped_before:
+                    ws.backoff()
+                if mean_loss is not None:
+                    ws.update(mean_loss)
+            if cfg.local.sync_async:
+                learner.add_loss(loss_val)                    # the buffer is free again
+            loss_sum += loss_val * y.numel()
+            n_seen += y.numel()
+            global_step += 1
+            bar.update(1)
+        bar.close()
+        epoch_time = time.perf_counter() - t0
+
+        # ---- end of epoch: evaluate, select, log, checkpoint -------------------------------
+        loss_sum, n_seen = all_reduce_sum([loss_sum, n_seen], env)
+        train_loss = loss_sum / max(n_seen, 1)
+        test_loss, acc = evaluate(model, test_loader, env, tc.precision)
+        best_acc = max(best_acc, acc)
+        row: dict[str, Any] = {
+            "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": acc,
+            "epoch_time_s": epoch_time, "samples_per_s": n_seen / max(epoch_time, 1e-9),
+            "step_time_s": epoch_time / max(steps_per_epoch, 1),
+            "lr": scheduler.get_last_lr()[0], "boundary": learner.boundary,
+            "local_lr": cfg.local.lr * ws.multiplier if learner.has_local and rule.name != "freeze" else 0.0,
+            "skipped_updates": learner.skipped_updates,
+            "rebuild_ms": sum(engine.rebuild_ms[n_rebuilds:]),
+            "grad_allreduce_bytes": engine.grad_allreduce_bytes / max(engine.grad_allreduce_steps, 1),
+            "delta_sync_bytes": sync.bytes_sent / max(steps_per_epoch, 1),
+            "sync_ms": 1e3 * sync.seconds,
+        }
+        if schedule is not None:
+            u = relative_update(transition, stage_weights(model.stages[learner.boundary]))
+            row["u"] = u
+            if isinstance(schedule, DynamicSelector):
+                decision = schedule.observe(epoch, u)
+                row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
+        drift = learner.drift()
+        if drift:
+            row["drift_max"] = max(drift.values())
+            row["drift_mean"] = sum(drift.values()) / len(drift)
+        logger.log(row)
+        if env.is_main:
+            print(f"epoch {epoch}: boundary {learner.boundary} train_loss {train_loss:.4f} "
+                  f"test_acc {acc:.2f}% time {epoch_time:.1f}s")
+            if cfg.checkpoint.enabled:
+                checkpoint.save(run_dir / "checkpoints", {
+                    "model": model.state_dict(), "epoch": epoch, "boundary": learner.boundary,
+                    "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
+                    "weak_supervision": ws.state_dict(),
+                    "schedule": schedule.state_dict() if isinstance(schedule, DynamicSelector) else None,
+                }, keep=cfg.checkpoint.keep)
+
+    learner.remove_hooks()
+    summary = {
+        "final_test_acc": acc, "best_test_acc": best_acc, "final_boundary": learner.boundary,
+        "boundary_per_epoch": boundaries, "end_to_end_s": time.perf_counter() - t_start,
+        "world_size": env.world_size, "mode": cfg.mode, "rule": rule.name,
+    }
+    logger.finish(summary)
+    return summary

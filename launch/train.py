@@ -1,0 +1,39 @@
+"""distlocal entry point (Hydra).
+
+    python launch/train.py model=convnet mode=local
+    torchrun --nproc_per_node=2 launch/train.py mode=local
+    deepspeed --num_gpus 2 launch/train.py engine=deepspeed   (DS_ACCELERATOR=cpu on CPU)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from distlocal import cli
+from distlocal.config import CONFIG_DIR, register_configs
+from distlocal.errors import ConfigError
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
+def main(cfg: DictConfig) -> float:
+    from distlocal.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(cfg, run_dir)
+    except ConfigError as exc:
+        cli.die(str(exc))
+    return summary["final_test_acc"]  # the value a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    argv = cli.strip_local_rank(sys.argv[1:])
+    cli.precheck(argv)
+    register_configs()
+    sys.argv = [sys.argv[0], *cli.agreed_run_dir(argv)]
+    main()

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +30,16 @@ from distlocal import checkpoint
 from distlocal.config import MODES, to_yaml
 from distlocal.data import build_datasets, build_loaders
 from distlocal.dist.ddp import build_engine
+from distlocal.dist.engine import Engine
 from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
-from distlocal.dist.sync import DeltaSync
+from distlocal.dist.sync import DeltaSync, average_buffers
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
-from distlocal.models import build_model
+from distlocal.models import StagedModel, build_model
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -106,8 +108,17 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> tu
     return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
 
-def train(cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> dict[str, Any]:
-    """Train as ``cfg`` says, writing the run directory from rank 0; returns the run summary."""
+EpochHook = Callable[[int, StagedModel, LocalLearner, Engine], None]
+
+
+def train(
+    cfg: DictConfig, run_dir: Path, env: DistEnv | None = None, on_epoch_end: EpochHook | None = None
+) -> dict[str, Any]:
+    """Train as ``cfg`` says, writing the run directory from rank 0; returns the run summary.
+
+    ``on_epoch_end(epoch, model, learner, engine)`` runs on every rank after each epoch's
+    evaluation (tests use it to compare replicas).
+    """
     validate(cfg)
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
@@ -202,6 +213,7 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> dict[st
         epoch_time = time.perf_counter() - t0
 
         # ---- end of epoch: evaluate, select, log, checkpoint -------------------------------
+        average_buffers(model, env)                           # BN statistics equal on every rank
         loss_sum, n_seen = all_reduce_sum([loss_sum, n_seen], env)
         train_loss = loss_sum / max(n_seen, 1)
         test_loss, acc = evaluate(model, test_loader, env, tc.precision)
@@ -229,6 +241,8 @@ def train(cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> dict[st
             row["drift_max"] = max(drift.values())
             row["drift_mean"] = sum(drift.values()) / len(drift)
         logger.log(row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, learner, engine)
         if env.is_main:
             print(f"epoch {epoch}: boundary {learner.boundary} train_loss {train_loss:.4f} "
                   f"test_acc {acc:.2f}% time {epoch_time:.1f}s")

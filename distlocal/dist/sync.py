@@ -69,3 +69,24 @@ class DeltaSync:
     def reset_counters(self) -> None:
         """Start a new epoch's byte and time counts."""
         self.bytes_sent, self.calls, self.seconds = 0, 0, 0.0
+
+
+def average_buffers(module: torch.nn.Module, env: DistEnv) -> None:
+    """Average every floating-point buffer (BatchNorm running statistics) across ranks.
+
+    Called at epoch end, before evaluation: DDP's ``broadcast_buffers`` copies rank 0's suffix
+    statistics at the start of each forward, but every rank then updates them with its own shard,
+    so without this the replicas (and their test accuracy) drift apart. One coalesced all-reduce.
+    """
+    if not env.distributed:
+        return
+    bufs = [b for b in module.buffers() if b.is_floating_point()]
+    if not bufs:
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in bufs])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(env.world_size)
+    off = 0
+    for b in bufs:
+        b.copy_(flat[off: off + b.numel()].view_as(b))
+        off += b.numel()

@@ -183,6 +183,8 @@ class LocalLearner:
         Returns the mean loss the buffer carried (``None`` if it carried none). A non-finite
         delta is never applied: the update is skipped and counted.
         """
+        if not self.has_local:
+            return None
         off = self._n_delta
         for bn in self._bn:
             for t in (bn.running_mean, bn.running_var):

@@ -1,0 +1,84 @@
+"""The entry point: one-line errors, argv clean-up, and the run-directory contract under torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import torch
+from conftest import check_ok, run, torchrun
+
+from distlocal.cli import explain, strip_local_rank
+from distlocal.config import compose
+
+TRAIN = ["launch/train.py"]
+
+
+def _one_line_error(proc) -> str:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("distlocal: error: ")
+    return lines[0]
+
+
+def test_unknown_model_is_one_line_naming_valid_models(tmp_path):
+    line = _one_line_error(run([sys.executable, *TRAIN, "model=nonexistent", f"hydra.run.dir={tmp_path}/r"]))
+    assert "nonexistent" in line and "resnet18" in line and "convnet" in line and "tv:" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_data_set_is_one_line(tmp_path):
+    line = _one_line_error(run([sys.executable, *TRAIN, "data=imagenette", f"hydra.run.dir={tmp_path}/r"]))
+    assert "imagenette" in line and "digits" in line and "cifar10" in line and "base_" not in line
+
+
+def test_misspelled_key_is_one_line(tmp_path):
+    line = _one_line_error(run([sys.executable, *TRAIN, "trainer.epoch=3", f"hydra.run.dir={tmp_path}/r"]))
+    assert "trainer.epoch" in line
+
+
+def test_wrong_type_is_one_line(tmp_path):
+    line = _one_line_error(run([sys.executable, *TRAIN, "trainer.epochs=many", f"hydra.run.dir={tmp_path}/r"]))
+    assert "trainer.epochs" in line
+
+
+def test_missing_cifar_is_one_line_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "r"
+    line = _one_line_error(run([sys.executable, *TRAIN, "data=cifar10", f"data.root={tmp_path}/nowhere",
+                                "wandb.mode=disabled", f"hydra.run.dir={run_dir}"]))
+    assert "data.root" in line and "data.download=true" in line
+    assert not any(run_dir.glob("*")) if run_dir.exists() else True
+
+
+def test_strip_local_rank():
+    assert strip_local_rank(["--local_rank=1", "mode=sgd"]) == ["mode=sgd"]
+    assert strip_local_rank(["--local-rank=0", "a=1"]) == ["a=1"]
+    assert strip_local_rank(["--local_rank", "3", "a=1"]) == ["a=1"]
+
+
+def test_explain_is_one_line():
+    try:
+        compose(["schedule=sometimes"])
+    except Exception as exc:  # noqa: BLE001
+        msg = explain(exc)
+    assert "\n" not in msg and "static" in msg and "dynamic" in msg
+
+
+def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
+    run_dir = tmp_path / "x"
+    proc = check_ok(torchrun([*TRAIN, "mode=sgd", "data=digits", "model=convnet", "trainer.epochs=2",
+                              "wandb.mode=disabled", "trainer.progress=false", f"hydra.run.dir={run_dir}"]))
+    assert proc.stdout.count("run dir") == 1  # printed by rank 0 alone
+    assert (run_dir / "config.yaml").read_text().count("model: convnet") == 1
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]  # once per epoch, not once per rank
+    for key in ("train_loss", "test_loss", "test_acc", "epoch_time_s", "samples_per_s", "lr"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    with (run_dir / "summary.csv").open() as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert ckpt["model"] and not any(k.startswith("module.") for k in ckpt["model"])
+    assert all(r["boundary"] == 0 for r in rows)

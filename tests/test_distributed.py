@@ -1,0 +1,95 @@
+"""LoCal+SGD on 2 gloo ranks: equivalence with one process, identical replicas, what is all-reduced."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import WORKER, check_ok, run, torchrun
+
+from distlocal.models import build_model
+
+pytestmark = pytest.mark.dist
+
+# Small and quick: 6 steps an epoch, the boundary moves at epochs 1, 2 and 3.
+COMMON = ["data=digits", "mode=local", "trainer.epochs=4", "trainer.batch_size=32",
+          "trainer.max_steps_per_epoch=6", "trainer.deterministic=true", "schedule.warmup_epochs=1",
+          "wandb.mode=disabled", "trainer.progress=false", "local.lr=1e-2"]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    return torch.load(out / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def nobn_runs(tmp_path_factory):
+    """The same BN-free LoCal run on 1 process (whole batch) and on 2 ranks (half each)."""
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    args = [*COMMON, "model=convnet_nobn"]
+    check_ok(run([sys.executable, str(WORKER), str(one), *args], timeout=300))
+    check_ok(torchrun([str(WORKER), str(two), *args], timeout=300))
+    return one, two
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch(nobn_runs):
+    one, two = nobn_runs
+    bounds = [r["boundary"] for r in _rows(two)]
+    assert bounds == [r["boundary"] for r in _rows(one)]
+    assert len(set(bounds)) >= 3, bounds  # the boundary moved at least twice
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    # Relative to the whole model (zero-initialised biases make per-tensor ratios meaningless),
+    # and no single value off by more than float32 summation-order noise.
+    a = torch.cat([w1[k].double().reshape(-1) for k in w1])
+    b = torch.cat([w2[k].double().reshape(-1) for k in w1])
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def test_nobn_replicas_identical_after_every_epoch(nobn_runs):
+    diffs = json.loads((nobn_runs[1] / "replicas.json").read_text())
+    assert diffs == [0.0] * 4
+
+
+@pytest.fixture(scope="module")
+def bn_runs(tmp_path_factory):
+    """A BatchNorm model on 2 ranks with sync_every=1 and sync_every=4 (8 steps an epoch)."""
+    outs = {}
+    for k in (1, 4):
+        out = tmp_path_factory.mktemp(f"bn_sync{k}")
+        check_ok(torchrun([str(WORKER), str(out), *COMMON, "model=convnet", "trainer.max_steps_per_epoch=8",
+                           f"local.sync_every={k}"], timeout=300))
+        outs[k] = out
+    return outs
+
+
+def test_bn_replicas_identical_after_every_epoch_with_sync_every_4(bn_runs):
+    for k, out in bn_runs.items():
+        assert json.loads((out / "replicas.json").read_text()) == [0.0] * 4, k
+
+
+def test_grad_allreduce_bytes_is_the_suffix_and_falls_with_the_boundary(nobn_runs):
+    rows = _rows(nobn_runs[1])
+    model = build_model("convnet_nobn", (3, 32, 32), 10)
+    for r in rows:
+        suffix = sum(p.numel() * 4 for s in model.stages[r["boundary"]:] for p in s.parameters())
+        # DDP may pad a bucket; allow one bucket's alignment slack.
+        assert suffix <= r["grad_allreduce_bytes"] <= suffix + 1024, (r["boundary"], r["grad_allreduce_bytes"])
+    seq = [r["grad_allreduce_bytes"] for r in rows]
+    assert all(b < a for a, b in zip(seq, seq[1:])), seq
+
+
+def test_delta_sync_bytes_fall_with_sync_every(bn_runs):
+    r1, r4 = _rows(bn_runs[1]), _rows(bn_runs[4])
+    for a, b in zip(r1, r4):
+        if a["boundary"] == 0:
+            assert a["delta_sync_bytes"] == b["delta_sync_bytes"] == 0
+        else:
+            assert b["delta_sync_bytes"] == pytest.approx(a["delta_sync_bytes"] / 4)

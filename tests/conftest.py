@@ -16,8 +16,13 @@ WORKER = REPO / "tests" / "dist_worker.py"
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: one thread per rank, no wandb network, repo importable."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", HYDRA_FULL_ERROR="0",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        WANDB_SILENT="true",
+        HYDRA_FULL_ERROR="0",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     env.update(extra)
     return env
 
@@ -25,19 +30,24 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     """Run a command from the repo root; a hang fails the test instead of stalling CI."""
     try:
-        return subprocess.run(args, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            args, cwd=REPO, env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{exc.stdout}\n{exc.stderr}")
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node=N`` (gloo on CPU) on ``args``."""
-    return run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                *args], timeout=timeout)
+    return run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+        timeout=timeout,
+    )
 
 
 def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Fail with the child's output when it did not exit 0."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )
     return proc

@@ -40,14 +40,26 @@ def test_misspelled_key_is_one_line(tmp_path):
 
 
 def test_wrong_type_is_one_line(tmp_path):
-    line = _one_line_error(run([sys.executable, *TRAIN, "trainer.epochs=many", f"hydra.run.dir={tmp_path}/r"]))
+    line = _one_line_error(
+        run([sys.executable, *TRAIN, "trainer.epochs=many", f"hydra.run.dir={tmp_path}/r"])
+    )
     assert "trainer.epochs" in line
 
 
 def test_missing_cifar_is_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "r"
-    line = _one_line_error(run([sys.executable, *TRAIN, "data=cifar10", f"data.root={tmp_path}/nowhere",
-                                "wandb.mode=disabled", f"hydra.run.dir={run_dir}"]))
+    line = _one_line_error(
+        run(
+            [
+                sys.executable,
+                *TRAIN,
+                "data=cifar10",
+                f"data.root={tmp_path}/nowhere",
+                "wandb.mode=disabled",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
+    )
     assert "data.root" in line and "data.download=true" in line
     assert not any(run_dir.glob("*")) if run_dir.exists() else True
 
@@ -68,8 +80,20 @@ def test_explain_is_one_line():
 
 def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
     run_dir = tmp_path / "x"
-    proc = check_ok(torchrun([*TRAIN, "mode=sgd", "data=digits", "model=convnet", "trainer.epochs=2",
-                              "wandb.mode=disabled", "trainer.progress=false", f"hydra.run.dir={run_dir}"]))
+    proc = check_ok(
+        torchrun(
+            [
+                *TRAIN,
+                "mode=sgd",
+                "data=digits",
+                "model=convnet",
+                "trainer.epochs=2",
+                "wandb.mode=disabled",
+                "trainer.progress=false",
+                f"hydra.run.dir={run_dir}",
+            ]
+        )
+    )
     assert proc.stdout.count("run dir") == 1  # printed by rank 0 alone
     assert (run_dir / "config.yaml").read_text().count("model: convnet") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

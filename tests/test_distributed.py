@@ -14,9 +14,18 @@ from distlocal.models import build_model
 pytestmark = pytest.mark.dist
 
 # Small and quick: 6 steps an epoch, the boundary moves at epochs 1, 2 and 3.
-COMMON = ["data=digits", "mode=local", "trainer.epochs=4", "trainer.batch_size=32",
-          "trainer.max_steps_per_epoch=6", "trainer.deterministic=true", "schedule.warmup_epochs=1",
-          "wandb.mode=disabled", "trainer.progress=false", "local.lr=1e-2"]
+COMMON = [
+    "data=digits",
+    "mode=local",
+    "trainer.epochs=4",
+    "trainer.batch_size=32",
+    "trainer.max_steps_per_epoch=6",
+    "trainer.deterministic=true",
+    "schedule.warmup_epochs=1",
+    "wandb.mode=disabled",
+    "trainer.progress=false",
+    "local.lr=1e-2",
+]
 
 
 def _rows(out):
@@ -64,8 +73,19 @@ def bn_runs(tmp_path_factory):
     outs = {}
     for k in (1, 4):
         out = tmp_path_factory.mktemp(f"bn_sync{k}")
-        check_ok(torchrun([str(WORKER), str(out), *COMMON, "model=convnet", "trainer.max_steps_per_epoch=8",
-                           f"local.sync_every={k}"], timeout=300))
+        check_ok(
+            torchrun(
+                [
+                    str(WORKER),
+                    str(out),
+                    *COMMON,
+                    "model=convnet",
+                    "trainer.max_steps_per_epoch=8",
+                    f"local.sync_every={k}",
+                ],
+                timeout=300,
+            )
+        )
         outs[k] = out
     return outs
 
@@ -79,9 +99,12 @@ def test_grad_allreduce_bytes_is_the_suffix_and_falls_with_the_boundary(nobn_run
     rows = _rows(nobn_runs[1])
     model = build_model("convnet_nobn", (3, 32, 32), 10)
     for r in rows:
-        suffix = sum(p.numel() * 4 for s in model.stages[r["boundary"]:] for p in s.parameters())
+        suffix = sum(p.numel() * 4 for s in model.stages[r["boundary"] :] for p in s.parameters())
         # DDP may pad a bucket; allow one bucket's alignment slack.
-        assert suffix <= r["grad_allreduce_bytes"] <= suffix + 1024, (r["boundary"], r["grad_allreduce_bytes"])
+        assert suffix <= r["grad_allreduce_bytes"] <= suffix + 1024, (
+            r["boundary"],
+            r["grad_allreduce_bytes"],
+        )
     seq = [r["grad_allreduce_bytes"] for r in rows]
     assert all(b < a for a, b in zip(seq, seq[1:])), seq
 

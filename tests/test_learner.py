@@ -97,7 +97,9 @@ def test_hooks_compute_the_rule_on_each_layers_own_input_and_output():
     rule = make_rule("oja")
     convs = [m for s in model.stages[:k] for m in s.modules() if isinstance(m, nn.Conv2d)]
     io = []
-    hooks = [c.register_forward_hook(lambda m, a, out: io.append((m, a[0].clone(), out.clone()))) for c in convs]
+    hooks = [
+        c.register_forward_hook(lambda m, a, out: io.append((m, a[0].clone(), out.clone()))) for c in convs
+    ]
     before = [c.weight.detach().clone() for c in convs]
     learner.lr = 0.01
     learner.prefix_forward(x, 0)

@@ -1,13 +1,30 @@
-"""Crash-safe checkpoints: temp file, fsync, rename; ``last.pt`` always the newest complete one."""
+"""Crash-safe checkpoints: temp file, fsync, rename; ``last.pt`` always the newest complete one.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: they hold tensors and plain
+Python values only, so a checkpoint from elsewhere cannot run code.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from distlocal.errors import ConfigError
+
+FORMAT = "distlocal-checkpoint-v1"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -19,22 +36,85 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _numbered(folder: Path) -> list[Path]:
+    """Numbered checkpoints, oldest first."""
+    files = [*folder.glob("epoch_*.pt"), *folder.glob("step_*.pt")]
+    return sorted(files, key=lambda p: p.stat().st_mtime_ns)
+
+
 def save(folder: Path, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``epoch_<N>.pt`` and ``last.pt`` atomically; keep the newest ``keep`` epoch files."""
+    """Write ``<name>.pt`` then ``last.pt`` atomically; keep the newest ``keep`` numbered files.
+
+    The file is named by epoch (``epoch_0003.pt``) or, mid-epoch, by global step
+    (``step_00001234.pt``). ``last.pt`` is a copy made after the numbered file is complete, so
+    a crash at any point leaves a complete ``last.pt`` or the previous one.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"epoch_{state['epoch']:04d}.pt"
+    state = {"format": FORMAT, **state}
+    name = (
+        f"step_{state['global_step']:08d}.pt" if state.get("mid_epoch") else f"epoch_{state['epoch']:04d}.pt"
+    )
+    path = folder / name
     _atomic_save(state, path)
     tmp_last = folder / "last.pt.tmp"
     shutil.copyfile(path, tmp_last)
     with tmp_last.open("rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp_last, folder / "last.pt")
+    _fsync_dir(folder)
     if keep > 0:
-        for old in sorted(folder.glob("epoch_*.pt"))[:-keep]:
+        for old in _numbered(folder)[:-keep]:
             old.unlink()
     return path
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Load a checkpoint without running code from it (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint safely; a file that is not one raises ``ValueError`` saying why."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle refused by weights_only, not a torch file, ...
+        raise ValueError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError("not a distlocal checkpoint (no 'format' key)")
+    return state
+
+
+def find_resume(resume: str | None, run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to resume from, or ``None`` for a fresh start.
+
+    ``resume=auto`` takes the newest readable checkpoint under ``<run dir>/checkpoints``
+    (``last.pt`` first, then the numbered files newest first); a truncated or corrupt one is
+    skipped with a warning. No checkpoint at all starts fresh (the first attempt of an elastic
+    job); checkpoints that are all unreadable are an error. ``resume=<path>`` must be readable.
+    Without ``resume`` a run directory that already holds a run is an error: it is never
+    overwritten unless asked to resume.
+    """
+    folder = run_dir / "checkpoints"
+    if resume is None:
+        if (run_dir / "metrics.jsonl").exists() or any(folder.glob("*.pt")):
+            raise ConfigError(
+                f"run directory '{run_dir}' already holds a run; pass resume=auto to continue it "
+                "or choose another hydra.run.dir"
+            )
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"resume={resume}: no such file; pass resume=auto or a checkpoint path")
+        try:
+            return path, load(path)
+        except ValueError as exc:
+            raise ConfigError(f"resume={resume} is not a readable distlocal checkpoint ({exc})") from None
+    last = [folder / "last.pt"] if (folder / "last.pt").exists() else []
+    candidates = last + _numbered(folder)[::-1]
+    for path in candidates:
+        try:
+            return path, load(path)
+        except ValueError as exc:
+            warnings.warn(f"distlocal: skipping unreadable checkpoint {path} ({exc})", stacklevel=2)
+    if candidates:
+        raise ConfigError(
+            f"no readable checkpoint under '{folder}' ({len(candidates)} unreadable); "
+            "pass resume=<path> to a good one or start a new run directory"
+        )
+    return None

@@ -100,6 +100,8 @@ class LocalConfig:
     """Average deltas across ranks every K steps (accumulated in between)."""
     sync_async: bool = False
     """Overlap the delta all-reduce with the suffix forward/backward."""
+    max_skipped_in_a_row: int = 10
+    """Non-finite local updates skipped in a row before the run stops (after a checkpoint)."""
     weak_supervision: WeakSupervisionConfig = field(default_factory=WeakSupervisionConfig)
 
 
@@ -147,14 +149,27 @@ class DDPEngineConfig:
 
 @dataclass
 class DeepSpeedEngineConfig:
-    """DeepSpeed engine over the SGD suffix."""
+    """DeepSpeed engine over the SGD suffix (docs/deepspeed.md).
+
+    bf16/fp16 follow ``trainer.precision`` (``bf16`` / ``16``): one precision knob per run.
+    """
 
     name: str = "deepspeed"
     backend: str = "auto"
+    """``auto`` (NCCL on CUDA, gloo on CPU), ``gloo`` or ``nccl``."""
     timeout_s: float = 600.0
     zero_stage: int = 0
+    """0 (plain data parallel), 1 (optimizer state partitioned) or 2 (+ gradients); 3 is not supported."""
     gradient_clipping: float = 0.0
+    """Clip the suffix gradient norm to this value; 0 = off."""
     wall_clock_breakdown: bool = False
+    """DeepSpeed's own forward/backward/step timers in its log."""
+    allgather_bucket_size: int = 500_000_000
+    """ZeRO 1/2: elements per all-gather of the updated parameters."""
+    reduce_bucket_size: int = 500_000_000
+    """ZeRO 1/2: elements per gradient reduction bucket."""
+    overlap_comm: bool = False
+    """ZeRO 1/2: overlap the gradient reduction with the backward pass."""
 
 
 @dataclass
@@ -189,7 +204,9 @@ class CheckpointConfig:
 
     enabled: bool = True
     every_steps: int | None = None
+    """Also checkpoint every N global steps (mid-epoch); ``null``: at epoch ends only."""
     keep: int = 2
+    """Numbered checkpoints kept besides ``last.pt``."""
 
 
 @dataclass

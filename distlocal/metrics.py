@@ -22,7 +22,11 @@ def _clean(v: Any) -> Any:
 class MetricsLogger:
     """Appends one row per epoch to ``metrics.jsonl``, rewrites ``summary.csv``, logs to wandb."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, tags: list[str]) -> None:
+    def __init__(
+        self, run_dir: Path, cfg: DictConfig, enabled: bool, tags: list[str], keep_epochs_below: int = 0
+    ) -> None:
+        """``keep_epochs_below``: on resume, the rows of epochs already done are kept, later ones
+        (written after the checkpoint that is resumed) are dropped, so no epoch appears twice."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.rows: list[dict[str, Any]] = []
@@ -31,6 +35,10 @@ class MetricsLogger:
             return
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "summary.csv"
+        if self.jsonl.exists():
+            old = [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in old if r.get("epoch", 0) < keep_epochs_below]
+        self._rewrite()
         if cfg.wandb.mode != "disabled":
             self.wandb_run = _init_wandb(run_dir, cfg, tags)
 
@@ -42,6 +50,17 @@ class MetricsLogger:
         self.rows.append(row)
         with self.jsonl.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        self._write_csv()
+        if self.wandb_run is not None:
+            self.wandb_run.log(_wandb_keys(row), step=int(row["epoch"]))
+
+    def _rewrite(self) -> None:
+        tmp = self.jsonl.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.jsonl)
+        self._write_csv()
+
+    def _write_csv(self) -> None:
         keys: list[str] = []
         for r in self.rows:
             keys.extend(k for k in r if k not in keys)
@@ -51,8 +70,6 @@ class MetricsLogger:
             w.writeheader()
             w.writerows(self.rows)
         os.replace(tmp, self.csv)
-        if self.wandb_run is not None:
-            self.wandb_run.log(_wandb_keys(row), step=int(row["epoch"]))
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Write the run summary (``summary.json`` and ``wandb.summary``) and close wandb."""
@@ -80,6 +97,8 @@ _PREFIX = {
     "boundary": "local/", "local_lr": "local/", "u": "local/", "u_ratio": "local/", "moved": "local/",
     "skipped_updates": "local/", "drift_max": "local/", "drift_mean": "local/",
     "grad_allreduce_bytes": "comm/", "delta_sync_bytes": "comm/",
+    # profiler (distlocal/profiler.py): the keys its prefix rules below do not already route
+    "rss_bytes": "mem/", "device_memory_reduction": "mem/", "profiled_steps": "time/",
 }
 
 
@@ -87,6 +106,12 @@ def _wandb_keys(row: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in row.items():
         if k == "epoch" or v is None:
+            continue
+        if isinstance(v, (list, tuple)):
+            # wandb plots scalars: a per-stage list becomes one series per stage (…/0, …/1, …).
+            for i, x in enumerate(v):
+                if x is not None:
+                    out.update(_wandb_keys({f"{k}/{i}": x}))
             continue
         if k.startswith(("time_", "phase_")):
             out["time/" + k] = v

@@ -109,15 +109,44 @@ def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> tu
 
 
 EpochHook = Callable[[int, StagedModel, LocalLearner, Engine], None]
+StepHook = Callable[[int, int], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite local updates in a row; a checkpoint was saved before stopping."""
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain values and tensors only, so the checkpoint loads with weights_only=True.
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                   *np_state[2:]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, env: DistEnv | None = None, on_epoch_end: EpochHook | None = None
+    cfg: DictConfig,
+    run_dir: Path,
+    env: DistEnv | None = None,
+    on_epoch_end: EpochHook | None = None,
+    on_step_end: StepHook | None = None,
 ) -> dict[str, Any]:
     """Train as ``cfg`` says, writing the run directory from rank 0; returns the run summary.
 
     ``on_epoch_end(epoch, model, learner, engine)`` runs on every rank after each epoch's
-    evaluation (tests use it to compare replicas).
+    checkpoint and metrics; ``on_step_end(epoch, step)`` after every step (tests use them to
+    compare replicas and to inject faults).
     """
     validate(cfg)
     t_start = time.perf_counter()
@@ -127,6 +156,7 @@ def train(
     if tc.batch_size % env.world_size:
         raise ConfigError(
             f"trainer.batch_size={tc.batch_size} is not divisible by the world size {env.world_size}")
+    resume = checkpoint.find_resume(cfg.resume, run_dir)  # every rank reads the same file
 
     # ---- data, model, local learning machinery -------------------------------------------
     bundle = build_datasets(cfg.data)
@@ -144,20 +174,60 @@ def train(
         len(train_loader), tc.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(tc, steps_per_epoch))
 
+    # ---- resume: the LoCal state first (boundary, hooks, engine), then the values --------
+    start_epoch, start_step, global_step = 0, 0, 0
+    best_acc, acc, boundaries = 0.0, 0.0, []
+    epoch_sums = [0.0, 0.0]  # loss_sum, n_seen of the epoch in progress (mid-epoch resume)
+    transition: dict[str, torch.Tensor] = {}
+    if resume is not None:
+        path, st = resume
+        model.load_state_dict(st["model"])
+        if st["boundary"] > 0:
+            engine.set_boundary(st["boundary"], learner.set_boundary(st["boundary"]))
+        learner.load_state_dict(st["learner"])
+        engine.load_state_dict(st["engine"])
+        scheduler.load_state_dict(st["scheduler"])
+        ws.load_state_dict(st["weak_supervision"])
+        if schedule is not None and st["schedule"] is not None:
+            schedule.load_state_dict(st["schedule"])
+        best_acc, acc, boundaries = st["best_acc"], st["acc"], list(st["boundaries"])
+        global_step = st["global_step"]
+        if st["mid_epoch"]:
+            start_epoch, start_step, epoch_sums = st["epoch"], st["step_in_epoch"], list(st["epoch_sums"])
+            boundaries = boundaries[:-1]  # the epoch in progress re-records its boundary
+        else:
+            start_epoch = st["epoch"] + 1
+        if env.is_main:
+            print(f"distlocal: resuming from {path} at epoch {start_epoch} step {start_step} "
+                  f"(saved by world size {st['world_size']}, now {env.world_size})")
+
+    def save_checkpoint(epoch: int, step_in_epoch: int, mid_epoch: bool) -> None:
+        if not (env.is_main and cfg.checkpoint.enabled):
+            return
+        checkpoint.save(run_dir / "checkpoints", {
+            "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
+            "boundary": learner.boundary, "boundaries": list(boundaries), "learner": learner.state_dict(),
+            "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
+            "weak_supervision": ws.state_dict(),
+            "schedule": schedule.state_dict() if schedule is not None else None,
+            "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
+            "transition": transition if mid_epoch else None,
+        }, keep=cfg.checkpoint.keep)
+
     # ---- run directory: rank 0 alone writes it ---------------------------------------------
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
     tags = [f"mode:{cfg.mode}", f"rule:{rule.name}", f"model:{cfg.model}", f"data:{cfg.data.name}",
             f"engine:{cfg.engine.name}", f"world:{env.world_size}"]
-    logger = MetricsLogger(run_dir, cfg, enabled=env.is_main, tags=tags)
+    logger = MetricsLogger(run_dir, cfg, enabled=env.is_main, tags=tags,
+                           keep_epochs_below=start_epoch if resume is not None else 0)
     if env.is_main:
         print(f"distlocal: run dir {run_dir.resolve()} | model {cfg.model} ({model.num_stages} stages) | "
               f"mode {cfg.mode} | data {cfg.data.name} | world {env.world_size} | device {env.device}")
 
-    best_acc, acc, boundaries = 0.0, 0.0, []
-    global_step = 0
-    for epoch in range(tc.epochs):
+    for epoch in range(start_epoch, tc.epochs):
         # ---- move the boundary (epoch start, never back) ------------------------------------
         n_rebuilds = len(engine.rebuild_ms)
         target = 0 if schedule is None else schedule.boundary(epoch)
@@ -165,19 +235,34 @@ def train(
             newly = learner.set_boundary(target)
             engine.set_boundary(target, newly)
             ws.reset_reference()
+        # The transition stage's weights at epoch start, for the selector's u (saved mid-epoch).
         transition = stage_weights(model.stages[learner.boundary])
+        if resume is not None and epoch == start_epoch and resume[1]["mid_epoch"]:
+            transition = resume[1]["transition"]
         boundaries.append(learner.boundary)
 
         sampler.set_epoch(epoch)
         sync.reset_counters()
         engine.grad_allreduce_bytes = engine.grad_allreduce_steps = 0
-        loss_sum = n_seen = 0.0
+        first = start_step if epoch == start_epoch else 0
+        if first == 0:
+            epoch_sums = [0.0, 0.0]
         t0 = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", disable=not (env.is_main and tc.progress),
-                   leave=False, mininterval=1.0)
-        for step, (x, y) in enumerate(train_loader):
-            if step >= steps_per_epoch:
-                break
+        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
+                   disable=not (env.is_main and tc.progress))
+        # Resume restores the RNG where the uninterrupted run had it: at an epoch end that is
+        # before the loader's iterator draws its seed; mid-epoch, after the batches already done
+        # (the sampler's order is a function of (seed, epoch) alone, so skipping them is exact).
+        resuming_here = resume is not None and epoch == start_epoch
+        if resuming_here and first == 0:
+            _set_rng_state(resume[1]["rng"])
+        batches = iter(train_loader)
+        for _ in range(first):
+            next(batches)
+        if resuming_here and first > 0:
+            _set_rng_state(resume[1]["rng"])
+        for step in range(first, steps_per_epoch):
+            x, y = next(batches)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             learner.lr = cfg.local.lr * ws.multiplier
             sync_now = learner.has_local and (sync.is_sync_step(step) or step == steps_per_epoch - 1)
@@ -205,54 +290,62 @@ def train(
                     ws.update(mean_loss)
             if cfg.local.sync_async:
                 learner.add_loss(loss_val)                    # the buffer is free again
-            loss_sum += loss_val * y.numel()
-            n_seen += y.numel()
+            if math.isfinite(loss_val):
+                epoch_sums[0] += loss_val * y.numel()
+            epoch_sums[1] += y.numel()
             global_step += 1
             bar.update(1)
+            if learner.skipped_in_a_row > cfg.local.max_skipped_in_a_row:
+                save_checkpoint(epoch, step + 1, mid_epoch=True)
+                raise TrainingDiverged(
+                    f"{learner.skipped_in_a_row} non-finite local updates in a row at epoch {epoch} "
+                    f"step {step}; checkpoint saved in {run_dir / 'checkpoints'}; "
+                    "lower local.lr or trainer.lr and resume")
+            every = cfg.checkpoint.every_steps
+            if every and global_step % every == 0 and step + 1 < steps_per_epoch:
+                save_checkpoint(epoch, step + 1, mid_epoch=True)
+            if on_step_end is not None:
+                on_step_end(epoch, step)
         bar.close()
         epoch_time = time.perf_counter() - t0
 
-        # ---- end of epoch: evaluate, select, log, checkpoint -------------------------------
+        # ---- end of epoch: evaluate, select, checkpoint, log -------------------------------
         average_buffers(model, env)                           # BN statistics equal on every rank
-        loss_sum, n_seen = all_reduce_sum([loss_sum, n_seen], env)
+        loss_sum, n_seen = all_reduce_sum(epoch_sums, env)
         train_loss = loss_sum / max(n_seen, 1)
         test_loss, acc = evaluate(model, test_loader, env, tc.precision)
         best_acc = max(best_acc, acc)
+        n_steps = steps_per_epoch - first
         row: dict[str, Any] = {
             "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": acc,
-            "epoch_time_s": epoch_time, "samples_per_s": n_seen / max(epoch_time, 1e-9),
-            "step_time_s": epoch_time / max(steps_per_epoch, 1),
+            "epoch_time_s": epoch_time, "samples_per_s": n_steps * tc.batch_size / max(epoch_time, 1e-9),
+            "step_time_s": epoch_time / max(n_steps, 1),
             "lr": scheduler.get_last_lr()[0], "boundary": learner.boundary,
             "local_lr": cfg.local.lr * ws.multiplier if learner.has_local and rule.name != "freeze" else 0.0,
             "skipped_updates": learner.skipped_updates,
             "rebuild_ms": sum(engine.rebuild_ms[n_rebuilds:]),
             "grad_allreduce_bytes": engine.grad_allreduce_bytes / max(engine.grad_allreduce_steps, 1),
-            "delta_sync_bytes": sync.bytes_sent / max(steps_per_epoch, 1),
+            "delta_sync_bytes": sync.bytes_sent / max(n_steps, 1),
             "sync_ms": 1e3 * sync.seconds,
         }
         if schedule is not None:
             u = relative_update(transition, stage_weights(model.stages[learner.boundary]))
+            decision = schedule.observe(epoch, u)
             row["u"] = u
             if isinstance(schedule, DynamicSelector):
-                decision = schedule.observe(epoch, u)
                 row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
         drift = learner.drift()
         if drift:
             row["drift_max"] = max(drift.values())
             row["drift_mean"] = sum(drift.values()) / len(drift)
+        # Checkpoint before logging: a crash in between re-runs the epoch, never duplicates a row.
+        save_checkpoint(epoch, steps_per_epoch, mid_epoch=False)
         logger.log(row)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, model, learner, engine)
         if env.is_main:
             print(f"epoch {epoch}: boundary {learner.boundary} train_loss {train_loss:.4f} "
                   f"test_acc {acc:.2f}% time {epoch_time:.1f}s")
-            if cfg.checkpoint.enabled:
-                checkpoint.save(run_dir / "checkpoints", {
-                    "model": model.state_dict(), "epoch": epoch, "boundary": learner.boundary,
-                    "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
-                    "weak_supervision": ws.state_dict(),
-                    "schedule": schedule.state_dict() if isinstance(schedule, DynamicSelector) else None,
-                }, keep=cfg.checkpoint.keep)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, learner, engine)
 
     learner.remove_hooks()
     summary = {

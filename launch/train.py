@@ -21,13 +21,15 @@ from distlocal.errors import ConfigError
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
-    from distlocal.trainer import train
+    from distlocal.trainer import TrainingDiverged, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, run_dir)
     except ConfigError as exc:
         cli.die(str(exc))
+    except TrainingDiverged as exc:
+        cli.die(str(exc), code=3)
     return summary["final_test_acc"]  # the value a Hydra sweeper would optimise
 
 

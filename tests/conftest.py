@@ -37,11 +37,15 @@ def run(args: list[str], timeout: float = 300, **env: str) -> subprocess.Complet
         pytest.fail(f"timed out after {timeout}s: {' '.join(args)}\n{exc.stdout}\n{exc.stderr}")
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=N`` (gloo on CPU) on ``args``."""
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: float = 300, launcher: list[str] | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=N [launcher args]`` (gloo on CPU) on ``args``."""
     return run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         *(launcher or []), *args],
         timeout=timeout,
+        **env,
     )
 
 

@@ -62,9 +62,15 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
         if backend not in ("gloo", "nccl"):
             raise ConfigError(f"unknown engine.backend '{backend}'; valid: auto, gloo, nccl")
         kwargs = {"device_id": dev} if backend == "nccl" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        # Under torchrun the workers share the elastic agent's store, and it outlives a restart:
+        # without a per-attempt prefix the restarted ranks read the dead attempt's addresses
+        # (gloo: "connectFullMesh failed ... Connection refused").
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"distlocal/attempt_{attempt}", store)
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs,
+            backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 

@@ -62,6 +62,7 @@ class LocalLearner:
         self._n_stats = 0
         self.pending_steps = 0  # steps accumulated in the buffer since the last apply
         self.skipped_updates = 0
+        self.skipped_in_a_row = 0
 
     # ------------------------------------------------------------------ boundary
     def local_parameters(self) -> list[nn.Parameter]:
@@ -190,15 +191,18 @@ class LocalLearner:
             for t in (bn.running_mean, bn.running_var):
                 t.copy_(self.buffer[off: off + t.numel()].view_as(t))
                 off += t.numel()
-        deltas = self.buffer[: self._n_delta]
-        if self._n_delta and not is_finite(deltas, None):
+        # The loss slots count too: a non-finite loss means this period's deltas came from a
+        # diverging step. The buffer is rank-averaged, so every rank takes the same decision.
+        if not is_finite(self.buffer[: self._n_delta], self.buffer[-2:]):
             self.skipped_updates += 1
+            self.skipped_in_a_row += 1
         else:
+            self.skipped_in_a_row = 0
             with torch.no_grad():
                 for s in self._slots:
                     self.rule.apply(s.module, s.w, s.b, 1.0)
         count = float(self.buffer[-1])
-        loss = float(self.buffer[-2]) / count if count > 0 else None
+        loss = float(self.buffer[-2]) / count if count > 0 and math.isfinite(float(self.buffer[-2])) else None
         self.buffer.zero_()
         self.pending_steps = 0
         return loss
@@ -207,6 +211,25 @@ class LocalLearner:
     def delta_bytes(self) -> int:
         """Bytes one sync sends (deltas, BN statistics and the loss slots)."""
         return self.buffer.numel() * self.buffer.element_size() if self.has_local else 0
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        """The accumulated-but-unsynced buffer, the switch-time weights and the counters."""
+        return {"boundary": self.boundary, "buffer": self.buffer.detach().cpu().clone(),
+                "pending_steps": self.pending_steps, "skipped_updates": self.skipped_updates,
+                "skipped_in_a_row": self.skipped_in_a_row,
+                "switch": {k: v.detach().cpu().clone() for k, v in self._switch.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore after :meth:`set_boundary` has rebuilt the same layout."""
+        if int(state["boundary"]) != self.boundary:
+            raise ValueError("set_boundary(saved boundary) before load_state_dict")
+        self.buffer.copy_(state["buffer"].to(self.buffer.device))
+        self.pending_steps = int(state["pending_steps"])
+        self.skipped_updates = int(state["skipped_updates"])
+        self.skipped_in_a_row = int(state["skipped_in_a_row"])
+        dev = self.buffer.device
+        self._switch = {k: v.to(dev) for k, v in state["switch"].items()}
 
     # ------------------------------------------------------------------ health
     def drift(self) -> dict[str, float]:

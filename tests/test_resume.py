@@ -1,0 +1,160 @@
+"""Reliability: exact resume, elastic restart, corrupt checkpoints, numeric guard, clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from conftest import WORKER, check_ok, run, torchrun
+
+from distlocal import checkpoint
+from distlocal.config import compose
+from distlocal.errors import ConfigError
+from distlocal.trainer import TrainingDiverged, train
+
+BASE = ["data=digits", "model=convnet", "mode=local", "trainer.epochs=4", "trainer.batch_size=32",
+        "trainer.max_steps_per_epoch=6", "trainer.deterministic=true", "schedule.warmup_epochs=1",
+        "wandb.mode=disabled", "trainer.progress=false", "resume=auto"]
+TIME_KEYS = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms"}
+
+
+def _rows(out):
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIME_KEYS and not k.startswith("phase_")} for r in rows]
+
+
+def _model(out):
+    return torch.load(out / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+def _assert_same_run(a, b):
+    assert _rows(a) == _rows(b)
+    wa, wb = _model(a), _model(b)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def _worker(out, *args, **env):
+    return check_ok(run([sys.executable, str(WORKER), str(out), *args], timeout=300, **env))
+
+
+def test_resume_at_epoch_end_is_exact(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _worker(full, *BASE)
+    _worker(cut, *BASE, EXIT_AFTER_EPOCH="1")
+    assert len(_rows(cut)) == 2
+    _worker(cut, *BASE)
+    assert [r["boundary"] for r in _rows(full)] == [0, 1, 2, 3]
+    _assert_same_run(full, cut)
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    args = [*BASE, "checkpoint.every_steps=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _worker(full, *args)
+    # Exit after epoch 2 without its epoch-end checkpoint: remove it, so the newest is mid-epoch.
+    _worker(cut, *args, EXIT_AFTER_EPOCH="2")
+    ckpts = cut / "run" / "checkpoints"
+    (ckpts / "epoch_0002.pt").unlink()
+    newest_mid = max(ckpts.glob("step_*.pt"))
+    (ckpts / "last.pt").write_bytes(newest_mid.read_bytes())
+    lines = (cut / "run" / "metrics.jsonl").read_text().splitlines()
+    (cut / "run" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if killed before the row
+    assert checkpoint.load(ckpts / "last.pt")["mid_epoch"]
+    _worker(cut, *args)
+    _assert_same_run(full, cut)
+
+
+@pytest.mark.dist
+def test_two_rank_resume_is_exact(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    check_ok(torchrun([str(WORKER), str(full), *BASE]))
+    check_ok(torchrun([str(WORKER), str(cut), *BASE], EXIT_AFTER_EPOCH="1"))
+    check_ok(torchrun([str(WORKER), str(cut), *BASE]))
+    _assert_same_run(full, cut)
+
+
+@pytest.mark.dist
+def test_elastic_restart_after_sigkill_finishes(tmp_path):
+    args = [*BASE, "checkpoint.every_steps=4"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    check_ok(torchrun([str(WORKER), str(full), *args]))
+    proc = check_ok(torchrun([str(WORKER), str(killed), *args], launcher=["--max-restarts=1"], KILL_AT="2:3"))
+    assert "resuming from" in proc.stdout  # the restarted workers continued from a checkpoint
+    a, b = _rows(full), _rows(killed)
+    assert [r["epoch"] for r in b] == [0, 1, 2, 3]
+    assert b[-1]["boundary"] == a[-1]["boundary"]
+    assert abs(b[-1]["test_acc"] - a[-1]["test_acc"]) <= 2.0
+
+
+def _tiny_run(tmp_path, *extra):
+    cfg = compose([*BASE, "trainer.epochs=2", "trainer.deterministic=false", *extra])
+    train(cfg, tmp_path / "run")
+    return tmp_path / "run" / "checkpoints"
+
+
+def test_truncated_checkpoint_is_skipped_with_a_warning(tmp_path):
+    folder = _tiny_run(tmp_path)
+    for name in ("last.pt", "epoch_0001.pt"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint"):
+        path, state = checkpoint.find_resume("auto", tmp_path / "run")
+    assert path.name == "epoch_0000.pt" and state["epoch"] == 0
+
+
+def test_all_checkpoints_unreadable_is_a_clear_error(tmp_path):
+    folder = _tiny_run(tmp_path)
+    for f in folder.glob("*.pt"):
+        f.write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(ConfigError, match="no readable checkpoint"):
+        checkpoint.find_resume("auto", tmp_path / "run")
+
+
+def test_divergence_stops_with_a_checkpoint(tmp_path):
+    # A huge local rate blows the prefix up; every later delta is non-finite and skipped.
+    cfg = compose([*BASE, "local.rule=oja", "local.lr=1e30", "local.max_skipped_in_a_row=3",
+                   "trainer.max_steps_per_epoch=20", "trainer.deterministic=false"])
+    with pytest.raises(TrainingDiverged, match="non-finite local updates in a row"):
+        train(cfg, tmp_path / "run")
+    state = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["mid_epoch"] and state["learner"]["skipped_updates"] >= 4
+    for v in state["model"].values():  # the skipped updates never reached the weights as NaN
+        assert not torch.isnan(v.float()).any()
+
+
+# ---- clear errors: one line, non-zero exit, the existing run directory untouched ---------
+def _existing_run(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    (run_dir / "config.yaml").write_text("model: previous\n")
+    return run_dir
+
+
+def _snapshot(run_dir):
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["data=cifar10", "data.root=/nonexistent/cifar"], "data.root"),
+        (["schedule.max_boundary=99"], "max_boundary"),
+        (["local.rule=anti_hebb"], "local.rule"),
+        (["resume=/etc/hostname"], "not a readable distlocal checkpoint"),
+        ([], "already holds a run"),
+    ],
+)
+def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, overrides, needle):
+    run_dir = _existing_run(tmp_path)
+    before = _snapshot(run_dir)
+    resume = [] if any(o.startswith("resume=") for o in overrides) or not overrides else ["resume=auto"]
+    proc = run([sys.executable, "launch/train.py", "wandb.mode=disabled", f"hydra.run.dir={run_dir}",
+                *resume, *overrides])
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("distlocal: error: ") and needle in lines[0], proc.stderr
+    assert _snapshot(run_dir) == before

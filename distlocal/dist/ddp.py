@@ -92,5 +92,8 @@ def build_engine(cfg, model: StagedModel, env: DistEnv, trainer_cfg: TrainerConf
     if cfg.name == "ddp":
         return DDPEngine(model, env, trainer_cfg, cfg)
     if cfg.name == "deepspeed":
-        raise ConfigError("engine=deepspeed is not implemented yet; use engine=ddp")
+        # Imported here: DDP runs need no deepspeed install.
+        from distlocal.dist.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, env, trainer_cfg, cfg)
     raise ConfigError(f"unknown engine '{cfg.name}'; valid: ddp, deepspeed")

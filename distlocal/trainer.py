@@ -16,6 +16,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from distlocal.local.schedule import DynamicSelector, build_schedule, relative_u
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
 from distlocal.models import StagedModel, build_model
+from distlocal.profiler import Profiler
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -84,6 +86,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown wandb.mode '{cfg.wandb.mode}'; valid: offline, online, disabled")
     if cfg.trainer.epochs < 1 or cfg.trainer.batch_size < 1:
         raise ConfigError("trainer.epochs and trainer.batch_size must be >= 1")
+
+
+# local.lr above which a rule lost accuracy in our measurements (docs/local-rules.md).
+SAFE_LOCAL_LR = {"hebb": 1e-4, "oja": 1e-4, "softhebb": 5e-3}
+
+
+def _warn_unsafe_lr(cfg: DictConfig) -> None:
+    limit = SAFE_LOCAL_LR.get(cfg.local.rule)
+    if cfg.mode == "local" and limit is not None and cfg.local.lr > limit:
+        warnings.warn(f"distlocal: local.lr={cfg.local.lr} is above the measured safe range for "
+                      f"'{cfg.local.rule}' (<= {limit}); see docs/local-rules.md", stacklevel=2)
 
 
 def _autocast(env: DistEnv, precision: str):
@@ -149,6 +162,7 @@ def train(
     compare replicas and to inject faults).
     """
     validate(cfg)
+    _warn_unsafe_lr(cfg)
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
     tc = cfg.trainer
@@ -173,6 +187,7 @@ def train(
     steps_per_epoch = len(train_loader) if tc.max_steps_per_epoch is None else min(
         len(train_loader), tc.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(tc, steps_per_epoch))
+    prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # DESIGN §4
 
     # ---- resume: the LoCal state first (boundary, hooks, engine), then the values --------
     start_epoch, start_step, global_step = 0, 0, 0
@@ -181,9 +196,10 @@ def train(
     transition: dict[str, torch.Tensor] = {}
     if resume is not None:
         path, st = resume
-        model.load_state_dict(st["model"])
         if st["boundary"] > 0:
             engine.set_boundary(st["boundary"], learner.set_boundary(st["boundary"]))
+        # After the rebuild: under bf16/fp16 DeepSpeed re-casts newly local weights from its masters.
+        model.load_state_dict(st["model"])
         learner.load_state_dict(st["learner"])
         engine.load_state_dict(st["engine"])
         scheduler.load_state_dict(st["scheduler"])
@@ -202,13 +218,16 @@ def train(
                   f"(saved by world size {st['world_size']}, now {env.world_size})")
 
     def save_checkpoint(epoch: int, step_in_epoch: int, mid_epoch: bool) -> None:
-        if not (env.is_main and cfg.checkpoint.enabled):
+        if not cfg.checkpoint.enabled:
+            return
+        engine_state = engine.state_dict()  # a collective under DeepSpeed ZeRO 1/2: every rank
+        if not env.is_main:
             return
         checkpoint.save(run_dir / "checkpoints", {
             "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
             "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
             "boundary": learner.boundary, "boundaries": list(boundaries), "learner": learner.state_dict(),
-            "engine": engine.state_dict(), "scheduler": scheduler.state_dict(),
+            "engine": engine_state, "scheduler": scheduler.state_dict(),
             "weak_supervision": ws.state_dict(),
             "schedule": schedule.state_dict() if schedule is not None else None,
             "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
@@ -232,9 +251,15 @@ def train(
         n_rebuilds = len(engine.rebuild_ms)
         target = 0 if schedule is None else schedule.boundary(epoch)
         if target > learner.boundary:
-            newly = learner.set_boundary(target)
-            engine.set_boundary(target, newly)
+            with prof.phase("rebuild"):
+                newly = learner.set_boundary(target)
+                engine.set_boundary(target, newly)
             ws.reset_reference()
+        if learner.has_local and not prof.has_reference:
+            # No boundary-0 epoch to compare with (freeze without warm-up, resume): measure
+            # all-SGD steps on a throw-away copy of the model.
+            prof.calibrate((tc.batch_size // env.world_size, *bundle.in_shape), bundle.num_classes,
+                           autocast=lambda: _autocast(env, tc.precision))
         # The transition stage's weights at epoch start, for the selector's u (saved mid-epoch).
         transition = stage_weights(model.stages[learner.boundary])
         if resume is not None and epoch == start_epoch and resume[1]["mid_epoch"]:
@@ -247,6 +272,7 @@ def train(
         first = start_step if epoch == start_epoch else 0
         if first == 0:
             epoch_sums = [0.0, 0.0]
+        prof.epoch_start(engine.optimizer)
         t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
                    disable=not (env.is_main and tc.progress))
@@ -262,28 +288,34 @@ def train(
         if resuming_here and first > 0:
             _set_rng_state(resume[1]["rng"])
         for step in range(first, steps_per_epoch):
-            x, y = next(batches)
-            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            prof.step_begin(step)                             # times a few steps, phase by phase
+            with prof.phase("data"):
+                x, y = next(batches)
+                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             learner.lr = cfg.local.lr * ws.multiplier
             sync_now = learner.has_local and (sync.is_sync_step(step) or step == steps_per_epoch - 1)
 
-            with _autocast(env, tc.precision):
-                h = learner.prefix_forward(x, step)          # local stages: no graph, deltas in hooks
-            if sync_now and cfg.local.sync_async:
-                sync.start()                                  # overlaps the suffix below
-            with _autocast(env, tc.precision):
-                out = engine.forward(h)
-                loss = F.cross_entropy(out.float(), y)
-            engine.backward_step(loss)                        # suffix grads + their all-reduce
+            with prof.activations():                          # epoch's first step: bytes saved for backward
+                with prof.phase("prefix"), _autocast(env, tc.precision):
+                    h = learner.prefix_forward(x, step)      # local stages: no graph, deltas in hooks
+                if sync_now and cfg.local.sync_async:
+                    with prof.phase("sync"):
+                        sync.start()                          # overlaps the suffix below
+                with prof.phase("suffix_fwd"), _autocast(env, tc.precision):
+                    out = engine.forward(h)
+                    loss = F.cross_entropy(out.float(), y)
+            with prof.phase("backward"):                      # optimizer.step is timed apart (hooks)
+                engine.backward_step(loss)                    # suffix grads + their all-reduce
             scheduler.step()
             loss_val = float(loss.detach())
             if not cfg.local.sync_async:
                 learner.add_loss(loss_val)
             if sync_now:
-                if not cfg.local.sync_async:
-                    sync.start()
                 skipped_before = learner.skipped_updates
-                mean_loss = sync.finish()                     # identical on every rank
+                with prof.phase("sync"):
+                    if not cfg.local.sync_async:
+                        sync.start()
+                    mean_loss = sync.finish()                 # identical on every rank
                 if learner.skipped_updates > skipped_before:
                     ws.backoff()
                 if mean_loss is not None:
@@ -294,6 +326,7 @@ def train(
                 epoch_sums[0] += loss_val * y.numel()
             epoch_sums[1] += y.numel()
             global_step += 1
+            prof.step_end()
             bar.update(1)
             if learner.skipped_in_a_row > cfg.local.max_skipped_in_a_row:
                 save_checkpoint(epoch, step + 1, mid_epoch=True)
@@ -334,6 +367,7 @@ def train(
             row["u"] = u
             if isinstance(schedule, DynamicSelector):
                 row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
+        row.update(prof.epoch_end(learner.boundary, engine.optimizer))  # step_time_s: median sampled step
         drift = learner.drift()
         if drift:
             row["drift_max"] = max(drift.values())
@@ -348,10 +382,12 @@ def train(
             on_epoch_end(epoch, model, learner, engine)
 
     learner.remove_hooks()
+    prof.close()
     summary = {
         "final_test_acc": acc, "best_test_acc": best_acc, "final_boundary": learner.boundary,
         "boundary_per_epoch": boundaries, "end_to_end_s": time.perf_counter() - t_start,
         "world_size": env.world_size, "mode": cfg.mode, "rule": rule.name,
     }
+    summary.update(prof.summary(end_to_end_s=summary["end_to_end_s"]))
     logger.finish(summary)
     return summary

@@ -57,6 +57,7 @@ def main() -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         (out / "replicas.json").write_text(json.dumps(diffs))
     if dist.is_initialized():
+        dist.barrier()  # nobody leaves while a peer still talks to it (gloo aborts otherwise)
         dist.destroy_process_group()
 
 

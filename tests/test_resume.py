@@ -17,12 +17,16 @@ from distlocal.trainer import TrainingDiverged, train
 BASE = ["data=digits", "model=convnet", "mode=local", "trainer.epochs=4", "trainer.batch_size=32",
         "trainer.max_steps_per_epoch=6", "trainer.deterministic=true", "schedule.warmup_epochs=1",
         "wandb.mode=disabled", "trainer.progress=false", "resume=auto"]
-TIME_KEYS = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms"}
+# Wall-clock and process-memory readings differ between any two runs; everything else must not.
+MEASURED = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms", "step_time_ref_s",
+            "speedup", "peak_rss_bytes", "rss_bytes", "device_memory_reduction",
+            "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "nvml_used_bytes",
+            "profiled_steps"}  # a resumed epoch times fewer steps
 
 
 def _rows(out):
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS and not k.startswith("phase_")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in MEASURED and not k.startswith("phase_")} for r in rows]
 
 
 def _model(out):
@@ -30,7 +34,11 @@ def _model(out):
 
 
 def _assert_same_run(a, b):
-    assert _rows(a) == _rows(b)
+    ra, rb = _rows(a), _rows(b)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        diff = {k: (x.get(k), y.get(k)) for k in set(x) | set(y) if x.get(k) != y.get(k)}
+        assert not diff, (x["epoch"], diff)
     wa, wb = _model(a), _model(b)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

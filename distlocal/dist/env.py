@@ -63,12 +63,14 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
             raise ConfigError(f"unknown engine.backend '{backend}'; valid: auto, gloo, nccl")
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
-        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-        # Under torchrun the workers share the elastic agent's store, and it outlives a restart:
-        # without a per-attempt prefix the restarted ranks read the dead attempt's addresses
-        # (gloo: "connectFullMesh failed ... Connection refused").
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        store = dist.PrefixStore(f"distlocal/attempt_{attempt}", store)
+        store = None
+        if attempt != "0":
+            # Under torchrun the workers share the elastic agent's store, and it outlives a
+            # restart: without a per-attempt prefix the restarted ranks read the dead attempt's
+            # addresses (gloo: "connectFullMesh failed ... Connection refused").
+            base, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+            store = dist.PrefixStore(f"distlocal/attempt_{attempt}", base)
         dist.init_process_group(
             backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kwargs
         )

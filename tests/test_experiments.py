@@ -1,0 +1,101 @@
+"""The experiment configs in ``configs/experiment/``: every one composes with the expected keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, subprocess_env
+
+from distlocal.cli import check_names
+from distlocal.config import CONFIG_DIR, compose
+
+EXPERIMENT_DIR = CONFIG_DIR / "experiment"
+CIFAR_MODELS = ("resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenetv2")
+IMAGENET_MODELS = {"resnet50": "tv:resnet50", "mobilenetv2": "tv:mobilenet_v2"}
+MODES = ("sgd", "local", "freeze")
+
+
+def experiment_names() -> list[str]:
+    """The user-facing experiments (top-level files; ``base/`` and ``sched/`` are building blocks)."""
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def expected() -> dict[str, tuple[str, str, str, str]]:
+    """experiment name -> (data.name, model, mode, wandb.group)."""
+    out: dict[str, tuple[str, str, str, str]] = {}
+    for data in ("cifar10", "cifar100"):
+        for model in CIFAR_MODELS:
+            for mode in MODES:
+                out[f"{data}_{model}_{mode}"] = (data, model, mode, f"{data}_{model}")
+    for slug, model in IMAGENET_MODELS.items():
+        for mode in MODES:
+            out[f"imagenet_{slug}_{mode}"] = ("imagefolder", model, mode, f"imagenet_{slug}")
+    return out
+
+
+def test_the_experiment_set_is_complete() -> None:
+    assert experiment_names() == sorted(expected())
+    assert len(experiment_names()) == 36
+
+
+@pytest.mark.parametrize("name", sorted(expected()))
+def test_experiment_composes_with_expected_keys(name: str) -> None:
+    data, model, mode, group = expected()[name]
+    cfg = compose([f"+experiment={name}"])
+    check_names(cfg)  # model, mode and rule are names the code knows
+    assert (cfg.data.name, cfg.model, cfg.mode, cfg.wandb.group) == (data, model, mode, group)
+    assert cfg.wandb.name == name
+    assert cfg.trainer.optimizer == "sgd" and cfg.trainer.momentum == 0.9
+    assert cfg.trainer.lr_schedule == "cosine" and cfg.trainer.lr == 0.1
+    assert cfg.schedule.name == "static" and cfg.schedule.kind == "linear"
+    assert cfg.schedule.max_boundary is not None and cfg.schedule.max_boundary >= 1
+    epochs = cfg.trainer.epochs
+    if data == "imagefolder":
+        assert (epochs, cfg.trainer.batch_size, cfg.trainer.weight_decay) == (90, 256, 1e-4)
+        assert cfg.trainer.lr_warmup_epochs == 5
+    else:
+        assert (epochs, cfg.trainer.batch_size, cfg.trainer.weight_decay) == (200, 128, 5e-4)
+    # warm-up ~10% of the run, boundary ramp ends at ~60%
+    assert cfg.schedule.warmup_epochs == round(0.1 * epochs)
+    assert cfg.schedule.end_epoch == round(0.6 * epochs)
+
+
+def test_the_three_modes_share_one_wandb_group() -> None:
+    groups = {compose([f"+experiment=cifar100_vgg16_bn_{m}"]).wandb.group for m in MODES}
+    assert groups == {"cifar100_vgg16_bn"}
+
+
+def test_command_line_overrides_win_over_the_experiment() -> None:
+    cfg = compose(["+experiment=cifar10_resnet18_local", "trainer.epochs=3", "local.lr=0.01",
+                   "data.root=/somewhere"])
+    assert (cfg.trainer.epochs, cfg.local.lr, cfg.data.root) == (3, 0.01, "/somewhere")
+    # the README's multirun sweep values, one combination
+    cfg = compose(["+experiment=cifar10_resnet18_local", "local.lr=1e-2", "schedule.kind=cosine"])
+    assert (cfg.local.lr, cfg.schedule.kind, cfg.schedule.end_epoch) == (0.01, "cosine", 120)
+
+
+def test_dynamic_schedule_composes_once_the_static_keys_are_dropped() -> None:
+    cfg = compose(["+experiment=cifar10_resnet18_local", "schedule=dynamic", "~experiment/sched@schedule"])
+    assert cfg.schedule.name == "dynamic"
+    assert cfg.schedule.warmup_epochs == 20 and cfg.schedule.max_boundary == 4
+
+
+def test_cli_prints_the_job_config_of_an_experiment() -> None:
+    """``launch/train.py +experiment=<name> --cfg job`` exits 0 (two experiments, in parallel)."""
+    names = ["cifar10_resnet18_local", "imagenet_mobilenetv2_freeze"]
+    procs = [
+        subprocess.Popen([sys.executable, "launch/train.py", f"+experiment={n}", "--cfg", "job"],
+                         cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+        for n in names
+    ]
+    for name, proc in zip(names, procs, strict=True):
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"--cfg job timed out for {name}")
+        assert proc.returncode == 0, err
+        assert f"name: {name}" in out and "mode:" in out

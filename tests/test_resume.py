@@ -166,3 +166,15 @@ def test_bad_input_is_one_line_and_overwrites_nothing(tmp_path, overrides, needl
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("distlocal: error: ") and needle in lines[0], proc.stderr
     assert _snapshot(run_dir) == before
+
+
+@pytest.mark.dist
+def test_resume_on_another_world_size(tmp_path):
+    """Saved by 2 ranks, resumed by 1 process: the sampler re-shards the same global batches."""
+    out = tmp_path / "cut"
+    check_ok(torchrun([str(WORKER), str(out), *BASE], EXIT_AFTER_EPOCH="1"))
+    proc = _worker(out, *BASE)
+    assert "saved by world size 2, now 1" in proc.stdout
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["boundary"] for r in rows] == [0, 1, 2, 3]

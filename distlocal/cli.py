@@ -7,6 +7,8 @@ import os
 import re
 import sys
 
+from omegaconf import DictConfig
+
 from distlocal.errors import ConfigError
 
 _LOCAL_RANK = re.compile(r"^--local[_-]rank(=\d+)?$")
@@ -64,53 +66,41 @@ def die(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose the config once before Hydra runs, so a bad key is one line and writes nothing."""
+def precheck(argv: list[str]) -> DictConfig | None:
+    """Compose and validate the config once before Hydra runs, so a bad key is one line and
+    nothing is written; returns it (``None`` when Hydra flags such as ``-m`` or ``--cfg`` make the
+    pre-check moot)."""
     overrides = overrides_of(argv)
     if overrides is None:
-        return
+        return None
     from distlocal.config import compose
-    from distlocal.models import build_model  # noqa: F401  (registry import is cheap)
+    from distlocal.trainer import validate
 
     try:
         cfg = compose(overrides)
     except Exception as exc:  # Hydra raises several exception types; all become one line
         die(explain(exc))
     try:
-        check_names(cfg)
+        validate(cfg)
     except ConfigError as exc:
         die(str(exc))
+    return cfg
 
 
-def check_names(cfg) -> None:
-    """Names that only the code knows: models, modes, rules."""
-    from distlocal.config import MODES
-    from distlocal.local.rules import RULES
-    from distlocal.models import model_names
-
-    if not cfg.model.startswith("tv:") and cfg.model not in model_names():
-        raise ConfigError(
-            f"unknown model '{cfg.model}'; valid models: {', '.join(model_names())}, or tv:<torchvision name>"
-        )
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
-    if cfg.local.rule not in RULES:
-        raise ConfigError(f"unknown local.rule '{cfg.local.rule}'; valid: {', '.join(RULES)}")
-
-
-def agreed_run_dir(argv: list[str]) -> list[str]:
+def agreed_run_dir(argv: list[str], cfg: DictConfig | None) -> list[str]:
     """Under several ranks, make every rank use rank 0's run directory.
 
     Hydra's default run dir embeds the time, which differs between ranks started a second
-    apart; rank 0 picks it and the others receive it through the process group.
+    apart; rank 0 picks it and the others receive it through the process group, which is
+    joined here with the run's own device, backend and timeout (``train`` then reuses it).
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
-    if any(a in ("-m", "--multirun") for a in argv):
+    if cfg is None:  # multirun, --cfg, --help: no single run directory to agree on
         return argv
     from distlocal.dist.env import broadcast_object, init_distributed
 
-    env = init_distributed()
+    env = init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
     stamp = broadcast_object(stamp, env)
     return [*argv, f"hydra.run.dir=outputs/{stamp}"]

@@ -36,11 +36,11 @@ from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import make_rule
+from distlocal.local.rules import RULES, make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
-from distlocal.models import StagedModel, build_model
+from distlocal.models import StagedModel, build_model, model_names
 from distlocal.profiler import Profiler
 
 
@@ -74,7 +74,13 @@ def lr_lambda(cfg, steps_per_epoch: int):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks Hydra's schema cannot express; each failure is one clear line."""
+    """Checks Hydra's schema cannot express (names only the code knows, value ranges); each
+    failure is one clear line. The entry point runs it before Hydra writes anything."""
+    if not cfg.model.startswith("tv:") and cfg.model not in model_names():
+        valid = ", ".join(model_names())
+        raise ConfigError(f"unknown model '{cfg.model}'; valid models: {valid}, or tv:<torchvision name>")
+    if cfg.local.rule not in RULES:
+        raise ConfigError(f"unknown local.rule '{cfg.local.rule}'; valid: {', '.join(RULES)}")
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
     if cfg.trainer.precision not in ("32", "bf16", "16"):

@@ -35,7 +35,7 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     argv = cli.strip_local_rank(sys.argv[1:])
-    cli.precheck(argv)
+    cfg = cli.precheck(argv)
     register_configs()
-    sys.argv = [sys.argv[0], *cli.agreed_run_dir(argv)]
+    sys.argv = [sys.argv[0], *cli.agreed_run_dir(argv, cfg)]
     main()

@@ -8,8 +8,8 @@ import sys
 import pytest
 from conftest import REPO, subprocess_env
 
-from distlocal.cli import check_names
 from distlocal.config import CONFIG_DIR, compose
+from distlocal.trainer import validate
 
 EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 CIFAR_MODELS = ("resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenetv2")
@@ -44,7 +44,7 @@ def test_the_experiment_set_is_complete() -> None:
 def test_experiment_composes_with_expected_keys(name: str) -> None:
     data, model, mode, group = expected()[name]
     cfg = compose([f"+experiment={name}"])
-    check_names(cfg)  # model, mode and rule are names the code knows
+    validate(cfg)  # model, mode, rule and value ranges are ones the code knows
     assert (cfg.data.name, cfg.model, cfg.mode, cfg.wandb.group) == (data, model, mode, group)
     assert cfg.wandb.name == name
     assert cfg.trainer.optimizer == "sgd" and cfg.trainer.momentum == 0.9

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distlocal.footprint import local_scope
 from distlocal.local.rules import LocalRule, is_finite
 from distlocal.models.staged import StagedModel
 
@@ -137,13 +138,14 @@ class LocalLearner:
             if self.sample_fraction < 1.0:
                 n = max(1, math.ceil(self.sample_fraction * x.shape[0]))
                 x, output = x[:n], output[:n]
-            d = self.rule.delta(module, x, output)
-            if d is None:
-                return
-            dw, db = d
-            slot.w.add_(dw, alpha=self.lr)
-            if slot.b is not None and db is not None:
-                slot.b.add_(db, alpha=self.lr)
+            with local_scope():  # the rule's temporaries: their own footprint category
+                d = self.rule.delta(module, x, output)
+                if d is None:
+                    return
+                dw, db = d
+                slot.w.add_(dw, alpha=self.lr)
+                if slot.b is not None and db is not None:
+                    slot.b.add_(db, alpha=self.lr)
         return hook
 
     # ------------------------------------------------------------------ step

@@ -106,33 +106,46 @@ class LocalConfig:
 
 
 @dataclass
-class StaticScheduleConfig:
-    """Pre-defined boundary per epoch."""
+class ScheduleConfig:
+    """When the boundary moves: ``name`` picks the selector, each reads its own keys.
+
+    One schema for both selectors, so that an experiment's static keys (``kind``, ``end_epoch``)
+    still compose under ``schedule=dynamic`` and ``schedule=static,dynamic`` sweeps; the selector
+    that does not use a key ignores it.
+    """
 
     name: str = "static"
-    kind: str = "step"
-    """``step`` (every ``every`` epochs +``step``), ``linear`` or ``cosine`` (to ``end_epoch``)."""
+    """``static`` (pre-defined boundary per epoch) or ``dynamic`` (moved by the weight-update trend)."""
     warmup_epochs: int = 2
-    every: int = 1
+    """Epochs of pure SGD before the first stage turns local."""
     step: int = 1
-    end_epoch: int | None = None
-    """Epoch at which linear/cosine reach ``max_boundary``; ``null`` = last epoch."""
+    """Stages the boundary moves by at each move."""
     max_boundary: int | None = None
     """Cap on the boundary; ``null`` = every non-classifier stage (num_stages - 1)."""
+    kind: str = "step"
+    """static: ``step`` (every ``every`` epochs +``step``), ``linear`` or ``cosine`` (to ``end_epoch``)."""
+    every: int = 1
+    """static ``step``: epochs between moves."""
+    end_epoch: int | None = None
+    """static: epoch at which linear/cosine reach ``max_boundary``; ``null`` = last epoch."""
+    tau: float = 0.5
+    """dynamic: move when u_e / u_ref < tau (u_ref: the first u after warm-up or after the last move) ..."""
+    patience: int = 1
+    """dynamic: ... for this many consecutive epochs."""
 
 
 @dataclass
-class DynamicScheduleConfig:
-    """Boundary moved by the trend of the transition stage's weight updates."""
+class StaticScheduleConfig(ScheduleConfig):
+    """The static selector's defaults (``schedule=static``)."""
+
+    name: str = "static"
+
+
+@dataclass
+class DynamicScheduleConfig(ScheduleConfig):
+    """The dynamic selector's defaults (``schedule=dynamic``)."""
 
     name: str = "dynamic"
-    warmup_epochs: int = 2
-    tau: float = 0.5
-    """Move when u_e / u_ref < tau (u_ref: the first u after warm-up or after the last move) ..."""
-    patience: int = 1
-    """... for this many consecutive epochs."""
-    step: int = 1
-    max_boundary: int | None = None
 
 
 @dataclass

@@ -22,31 +22,26 @@ def experiment_names() -> list[str]:
     return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
 
 
-def expected() -> dict[str, tuple[str, str, str, str]]:
-    """experiment name -> (data.name, model, mode, wandb.group)."""
-    out: dict[str, tuple[str, str, str, str]] = {}
-    for data in ("cifar10", "cifar100"):
-        for model in CIFAR_MODELS:
-            for mode in MODES:
-                out[f"{data}_{model}_{mode}"] = (data, model, mode, f"{data}_{model}")
-    for slug, model in IMAGENET_MODELS.items():
-        for mode in MODES:
-            out[f"imagenet_{slug}_{mode}"] = ("imagefolder", model, mode, f"imagenet_{slug}")
+def expected() -> dict[str, tuple[str, str]]:
+    """experiment name (= its wandb group) -> (data.name, model)."""
+    out = {f"{data}_{model}": (data, model) for data in ("cifar10", "cifar100") for model in CIFAR_MODELS}
+    out.update({f"imagenet_{slug}": ("imagefolder", model) for slug, model in IMAGENET_MODELS.items()})
     return out
 
 
 def test_the_experiment_set_is_complete() -> None:
+    """One experiment per (data, model); the mode comes from the command line."""
     assert experiment_names() == sorted(expected())
-    assert len(experiment_names()) == 36
 
 
 @pytest.mark.parametrize("name", sorted(expected()))
-def test_experiment_composes_with_expected_keys(name: str) -> None:
-    data, model, mode, group = expected()[name]
-    cfg = compose([f"+experiment={name}"])
+@pytest.mark.parametrize("mode", MODES)
+def test_experiment_composes_with_expected_keys(name: str, mode: str) -> None:
+    data, model = expected()[name]
+    cfg = compose([f"+experiment={name}", f"mode={mode}"])
     validate(cfg)  # model, mode, rule and value ranges are ones the code knows
-    assert (cfg.data.name, cfg.model, cfg.mode, cfg.wandb.group) == (data, model, mode, group)
-    assert cfg.wandb.name == name
+    assert (cfg.data.name, cfg.model, cfg.mode, cfg.wandb.group) == (data, model, mode, name)
+    assert cfg.wandb.name == f"{name}_{mode}" and mode in cfg.wandb.tags
     assert cfg.trainer.optimizer == "sgd" and cfg.trainer.momentum == 0.9
     assert cfg.trainer.lr_schedule == "cosine" and cfg.trainer.lr == 0.1
     assert cfg.schedule.name == "static" and cfg.schedule.kind == "linear"
@@ -62,31 +57,36 @@ def test_experiment_composes_with_expected_keys(name: str) -> None:
     assert cfg.schedule.end_epoch == round(0.6 * epochs)
 
 
-def test_the_three_modes_share_one_wandb_group() -> None:
-    groups = {compose([f"+experiment=cifar100_vgg16_bn_{m}"]).wandb.group for m in MODES}
-    assert groups == {"cifar100_vgg16_bn"}
+def test_the_default_mode_is_local() -> None:
+    assert compose(["+experiment=cifar100_vgg16_bn"]).mode == "local"
 
 
 def test_command_line_overrides_win_over_the_experiment() -> None:
-    cfg = compose(["+experiment=cifar10_resnet18_local", "trainer.epochs=3", "local.lr=0.01",
+    cfg = compose(["+experiment=cifar10_resnet18", "trainer.epochs=3", "local.lr=0.01",
                    "data.root=/somewhere"])
     assert (cfg.trainer.epochs, cfg.local.lr, cfg.data.root) == (3, 0.01, "/somewhere")
     # the README's multirun sweep values, one combination
-    cfg = compose(["+experiment=cifar10_resnet18_local", "local.lr=1e-2", "schedule.kind=cosine"])
+    cfg = compose(["+experiment=cifar10_resnet18", "local.lr=1e-2", "schedule.kind=cosine"])
     assert (cfg.local.lr, cfg.schedule.kind, cfg.schedule.end_epoch) == (0.01, "cosine", 120)
 
 
-def test_dynamic_schedule_composes_once_the_static_keys_are_dropped() -> None:
-    cfg = compose(["+experiment=cifar10_resnet18_local", "schedule=dynamic", "~experiment/sched@schedule"])
-    assert cfg.schedule.name == "dynamic"
-    assert cfg.schedule.warmup_epochs == 20 and cfg.schedule.max_boundary == 4
+@pytest.mark.parametrize("name", ["cifar10_resnet18", "imagenet_resnet50"])
+def test_schedule_static_and_dynamic_both_compose(name: str) -> None:
+    """`schedule=static,dynamic` sweeps: the experiment's static-ramp keys do not break dynamic."""
+    dyn = compose([f"+experiment={name}", "schedule=dynamic"])
+    static = compose([f"+experiment={name}", "schedule=static"])
+    assert (dyn.schedule.name, static.schedule.name) == ("dynamic", "static")
+    for cfg in (dyn, static):
+        validate(cfg)
+        assert cfg.schedule.warmup_epochs == round(0.1 * cfg.trainer.epochs)
+        assert cfg.schedule.max_boundary == static.schedule.max_boundary >= 1
 
 
 def test_cli_prints_the_job_config_of_an_experiment() -> None:
-    """``launch/train.py +experiment=<name> --cfg job`` exits 0 (two experiments, in parallel)."""
-    names = ["cifar10_resnet18_local", "imagenet_mobilenetv2_freeze"]
+    """``launch/train.py +experiment=<name> --cfg job --resolve`` exits 0 (two experiments, in parallel)."""
+    names = ["cifar10_resnet18", "imagenet_mobilenetv2"]
     procs = [
-        subprocess.Popen([sys.executable, "launch/train.py", f"+experiment={n}", "--cfg", "job"],
+        subprocess.Popen([sys.executable, "launch/train.py", f"+experiment={n}", "--cfg", "job", "--resolve"],
                          cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
         for n in names
@@ -98,4 +98,4 @@ def test_cli_prints_the_job_config_of_an_experiment() -> None:
             proc.kill()
             pytest.fail(f"--cfg job timed out for {name}")
         assert proc.returncode == 0, err
-        assert f"name: {name}" in out and "mode:" in out
+        assert f"name: {name}_local" in out and "mode: local" in out

@@ -80,7 +80,7 @@ class WeakSupervisionConfig:
     """The local learning rate driven by the training loss (DESIGN §2; rule in docs/local-rules.md)."""
 
     enabled: bool = True
-    window: int = 20
+    window: int = 50
     """Losses (one per delta sync) per window; rises are tested between consecutive window means."""
     z: float = 3.0
     """A rise must exceed ``z`` standard errors of the difference of the two window means ..."""

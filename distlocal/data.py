@@ -543,10 +543,10 @@ def _build_fashion_mnist(cfg: DataConfig) -> DataBundle:
     root_cfg = cfg.root if cfg.root not in (None, "") else FASHION_ROOT
     root = _resolve_root(DataConfig(name=cfg.name, root=str(root_cfg)))
     paths = {k: _idx_path(root, stem) for k, stem in FASHION_FILES.items()}
-    missing = [FASHION_FILES[k] for k, p in paths.items() if p is None]
+    missing = [f"{FASHION_FILES[k]}[.gz]" for k, p in paths.items() if p is None]
     if missing:
         raise ConfigError(
-            f"fashion_mnist not found under '{root}' (missing {', '.join(missing)}[.gz]); "
+            f"fashion_mnist not found under '{root}' (missing {', '.join(missing)}); "
             "install it with 'apt-get install dataset-fashion-mnist' (or 'make data'), or put the four "
             "upstream files from https://github.com/zalandoresearch/fashion-mnist there and set data.root"
         )

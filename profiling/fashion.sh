@@ -104,7 +104,7 @@ if [[ "${SMOKE:-0}" != 1 ]]; then  # name the settings that differ from the defa
     if [[ -n "${!v}" ]]; then CMD="$v=\"${!v}\" $CMD"; fi
   done
 fi
-NOTE="Started $START, $TOTAL s in all, $NPROC ranks on $(nproc) CPU cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); load average (1, 5, 15 min) $LOAD_START at the start and $LOAD_END at the end (above ~$(nproc) the machine was shared and times are inflated)."
+NOTE="Started $START, $TOTAL s in all, $NPROC ranks on $(nproc --all) CPU cores, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'); load average (1, 5, 15 min) $LOAD_START at the start and $LOAD_END at the end (above ~$(nproc --all) the machine was shared and times are inflated)."
 if [[ $failed -gt 0 ]]; then NOTE="$NOTE $failed run(s) failed and are missing from the table."; fi
 "$PY" profiling/fashion_table.py "$RUNS" --doc "$DOC" --plots "$PLOTS" --command "$CMD" \
   --order $ALL_VARIANTS --note "$NOTE"

@@ -357,8 +357,6 @@ def train(
         loss_sum, n_seen = all_reduce_sum(epoch_sums, env)
         train_loss = loss_sum / max(n_seen, 1)
         test_loss, acc = evaluate(model, test_loader, env, tc.precision)
-        if val_loader is not None:  # data.val_fraction > 0: the held-out split tuning looks at
-            row_val = dict(zip(("val_loss", "val_acc"), evaluate(model, val_loader, env, tc.precision)))
         best_acc = max(best_acc, acc)
         n_steps = steps_per_epoch - first
         row: dict[str, Any] = {
@@ -374,8 +372,8 @@ def train(
             "delta_sync_bytes": sync.bytes_sent / max(n_steps, 1),
             "sync_ms": 1e3 * sync.seconds,
         }
-        if val_loader is not None:
-            row.update(row_val)
+        if val_loader is not None:  # data.val_fraction > 0: the held-out split tuning looks at
+            row["val_loss"], row["val_acc"] = evaluate(model, val_loader, env, tc.precision)
         if learner.has_local and rule.name != "freeze":
             row["auto_frozen"] = learner.auto_freeze.flags(learner.boundary)  # per local stage, 1 = frozen
         if schedule is not None:

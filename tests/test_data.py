@@ -522,3 +522,18 @@ def test_loader_with_workers_on_real_data(digits: DataBundle) -> None:
     x, y = next(iter(train))
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
     assert sum(len(b[1]) for b in test) == 180
+
+
+def test_trainer_logs_val_metrics_with_val_fraction(tmp_path: Path) -> None:
+    import json
+
+    from distlocal.config import compose
+    from distlocal.trainer import train
+
+    cfg = compose(["data=digits", "data.val_fraction=0.2", "mode=sgd", "trainer.epochs=1",
+                   "trainer.max_steps_per_epoch=2", "wandb.mode=disabled", "trainer.progress=false",
+                   "checkpoint.enabled=false"])
+    train(cfg, tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= row["val_acc"] <= 100.0 and row["val_loss"] > 0.0
+    assert row["ws_multiplier"] == 1.0 and row["ws_backoffs"] == 0

@@ -8,7 +8,7 @@ ARGS   ?=
 # Several ranks on few cores: one thread per rank, or steps get ~10x slower.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench data clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Fashion-MNIST (data=fashion_mnist, profiling/fashion.sh) from Debian's package, where apt-get exists.
+data:
+	@if test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz; then \
+	  echo "Fashion-MNIST is installed in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null; then \
+	  $$(test "$$(id -u)" = 0 || echo sudo) apt-get install -y dataset-fashion-mnist; \
+	else \
+	  echo "no apt-get here: put the four IDX files from https://github.com/zalandoresearch/fashion-mnist in a directory and pass data.root=<dir>" >&2; exit 2; \
+	fi
 
 bench: install
 	$(BIN)/python profiling/bench.py --model resnet18 --data-shape 3,32,32 --classes 10 --batch-size 64 --steps 5 --device cpu

@@ -53,7 +53,8 @@ class DataConfig:
 
     name: str = "digits"
     root: str | None = None
-    """Local directory of the data set (cifar10, cifar100, imagefolder)."""
+    """Local directory of the data set (cifar10, cifar100, imagefolder; fashion_mnist: the IDX files,
+    default ``/usr/share/datasets/fashion-mnist``)."""
     download: bool = False
     """Allow torchvision to download CIFAR into ``root`` (off: nothing downloads at run time)."""
     augment: bool = True
@@ -67,20 +68,41 @@ class DataConfig:
     """Synthetic class count."""
     train_size: int = 1024
     test_size: int = 256
+    val_fraction: float = 0.0
+    """Hold out this fraction of the train set as a validation set (logged as ``val_loss``/``val_acc``
+    each epoch; tune on it, never on the test set). 0 = off."""
+    val_seed: int = 0
+    """Seed of the validation split (not ``trainer.seed``: every run holds out the same samples)."""
 
 
 @dataclass
 class WeakSupervisionConfig:
-    """The local learning rate driven by the training loss (DESIGN §2)."""
+    """The local learning rate driven by the training loss (DESIGN §2; rule in docs/local-rules.md)."""
 
     enabled: bool = True
-    ema: float = 0.9
-    """Smoothing of the running mean of the training loss (per step)."""
+    window: int = 50
+    """Losses (one per delta sync) per window; rises are tested between consecutive window means."""
+    z: float = 3.0
+    """A rise must exceed ``z`` standard errors of the difference of the two window means ..."""
     rise_tol: float = 0.05
-    """Relative rise of the running loss over ``window`` steps that triggers a back-off."""
-    window: int = 20
+    """... and this relative amount, to count as a real rise (and cut the multiplier)."""
     backoff: float = 0.5
-    min_multiplier: float = 0.0
+    """Factor applied to the multiplier on a real rise (and on a skipped non-finite update)."""
+    recover: float = 1.1
+    """Factor the multiplier regains after a window whose mean loss fell (never above the loss-ratio cap)."""
+    min_multiplier: float = 0.05
+    """Floor of the multiplier: cuts never switch the rule off (auto-freeze does, when it is dead)."""
+
+
+@dataclass
+class AutoFreezeConfig:
+    """Freeze a local stage for good once its updates are negligible (docs/local-rules.md)."""
+
+    enabled: bool = True
+    threshold: float = 1e-5
+    """Effective update per step, ``lr·‖ΔW‖/‖W‖`` (the stage's rank-averaged delta), below which ..."""
+    window: int = 200
+    """... a stage is frozen when its mean over this many steps stays under ``threshold``."""
 
 
 @dataclass
@@ -103,6 +125,7 @@ class LocalConfig:
     max_skipped_in_a_row: int = 10
     """Non-finite local updates skipped in a row before the run stops (after a checkpoint)."""
     weak_supervision: WeakSupervisionConfig = field(default_factory=WeakSupervisionConfig)
+    auto_freeze: AutoFreezeConfig = field(default_factory=AutoFreezeConfig)
 
 
 @dataclass

@@ -6,6 +6,10 @@ loaders the trainer iterates.
 
 Nothing here downloads unless ``data.download=true`` (CIFAR only): the default data set, ``digits``,
 is scikit-learn's bundled copy of the UCI hand-written digits, so a fresh checkout trains offline.
+``fashion_mnist`` reads the IDX files Debian's ``dataset-fashion-mnist`` package installs.
+
+``data.val_fraction > 0`` holds out a seeded part of the train set as a validation set (``val``),
+evaluated without augmentation: tuning is done on it, never on the test set.
 
 Sampling (see :func:`build_loaders`): every run, one process or many, draws its training order
 from one ``DistributedSampler`` whose permutation depends only on ``seed + epoch`` and the data set
@@ -15,9 +19,12 @@ same *set* of samples at every step.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import pickle
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from distlocal.config import DataConfig
 from distlocal.errors import ConfigError
 
-DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
 
 # Per-channel statistics of the CIFAR training sets (pixel std, not the often-copied
 # 0.2023/0.1994/0.2010, which is the std of per-image means).
@@ -44,6 +52,17 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Pixel statistics of the Fashion-MNIST training images (28x28, before padding).
+FASHION_MEAN = 0.2860
+FASHION_STD = 0.3530
+FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
+"""Where Debian's ``dataset-fashion-mnist`` package puts the files (the default ``data.root``)."""
+FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
 
 DIGITS_SIZE = 32
 """Digits are upsampled from 8x8 so that CIFAR-style networks (stride-2 stages) apply unchanged."""
@@ -62,6 +81,11 @@ class DataBundle:
     in_shape: tuple[int, int, int]
     """(C, H, W) of one input sample as the model sees it."""
     num_classes: int
+    val: Dataset | None = None
+    """Held-out part of the train set (``data.val_fraction > 0``), never augmented."""
+    train_plain: Dataset | None = None
+    """The train samples without augmentation (same indices as ``train``); the validation split is
+    taken from it. ``None``: the data set cannot hold out a validation split."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,14 +100,47 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
     """
     name = str(cfg.name)
     if name == "digits":
-        return _build_digits()
-    if name in ("cifar10", "cifar100"):
-        return _build_cifar(name, cfg)
-    if name == "imagefolder":
-        return _build_imagefolder(cfg)
-    if name == "synthetic":
-        return _build_synthetic(cfg)
-    raise ConfigError(f"unknown data set '{name}'; valid: {', '.join(DATASETS)}")
+        bundle = _build_digits()
+    elif name in ("cifar10", "cifar100"):
+        bundle = _build_cifar(name, cfg)
+    elif name == "fashion_mnist":
+        bundle = _build_fashion_mnist(cfg)
+    elif name == "imagefolder":
+        bundle = _build_imagefolder(cfg)
+    elif name == "synthetic":
+        bundle = _build_synthetic(cfg)
+    else:
+        raise ConfigError(f"unknown data set '{name}'; valid: {', '.join(DATASETS)}")
+    return _hold_out_val(bundle, float(cfg.val_fraction), int(cfg.val_seed), name)
+
+
+def _hold_out_val(bundle: DataBundle, fraction: float, seed: int, name: str) -> DataBundle:
+    """Split ``fraction`` of the train samples off as ``bundle.val`` (a seeded permutation).
+
+    The split depends on ``data.val_seed`` alone, not on ``trainer.seed``: runs with different
+    seeds are tuned on the same held-out samples. The validation samples come from the
+    un-augmented view of the train set, so validation accuracy is not blurred by random crops.
+    """
+    if fraction == 0.0:
+        return bundle
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {fraction}")
+    if bundle.train_plain is None:
+        raise ConfigError(f"data set '{name}' has its own validation split; set data.val_fraction=0")
+    n = len(bundle.train)  # type: ignore[arg-type]
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise ConfigError(f"data.val_fraction={fraction} leaves no training sample of {n}; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val_idx, train_idx = sorted(perm[:n_val]), sorted(perm[n_val:])
+    return DataBundle(
+        train=Subset(bundle.train, train_idx),
+        test=bundle.test,
+        in_shape=bundle.in_shape,
+        num_classes=bundle.num_classes,
+        val=Subset(bundle.train_plain, val_idx),
+        train_plain=Subset(bundle.train_plain, train_idx),
+    )
 
 
 def build_loaders(
@@ -152,14 +209,26 @@ def build_loaders(
         generator=generator,
         **common,
     )
-    test_loader = DataLoader(
-        bundle.test,
-        batch_size=batch_size,
-        sampler=ShardSampler(len(bundle.test), rank=rank, world_size=world_size),  # type: ignore[arg-type]
-        drop_last=False,
-        **common,
-    )
+    test_loader = build_eval_loader(
+        bundle.test, batch_size, rank, world_size, num_workers, pin_memory=pin_memory)
     return train_loader, test_loader, train_sampler
+
+
+def build_eval_loader(
+    dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int = 0, *,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """An evaluation loader (test or validation set): rank ``r`` takes samples ``r, r+W, ...``
+    in order, without padding (:class:`ShardSampler`), so all-reduced sums count each sample once."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank=rank, world_size=world_size),  # type: ignore[arg-type]
+        drop_last=False,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
 
 
 class ShardSampler(Sampler[int]):
@@ -212,11 +281,13 @@ def _build_digits() -> DataBundle:
     mean, std = x_train.mean(), x_train.std()
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
+    train = TensorDataset(x_train, labels[idx_train_t])
     return DataBundle(
-        train=TensorDataset(x_train, labels[idx_train_t]),
+        train=train,
         test=TensorDataset(x_test, labels[idx_test_t]),
         in_shape=(3, DIGITS_SIZE, DIGITS_SIZE),
         num_classes=10,
+        train_plain=train,  # digits are never augmented
     )
 
 
@@ -404,6 +475,105 @@ def _build_cifar(name: str, cfg: DataConfig) -> DataBundle:
         test=CifarDataset(test_x, test_y, classes, test_tf),
         in_shape=(3, 32, 32),
         num_classes=layout.num_classes,
+        train_plain=CifarDataset(train_x, train_y, classes, test_tf),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX files, gzipped or raw)
+
+
+class FashionMNIST(Dataset):
+    """Images decoded once into one uint8 tensor ``(N, 1, 32, 32)`` (28x28 zero-padded by 2).
+
+    ``__getitem__`` works on tensors only (no PIL): scale and normalise, then, with ``augment``,
+    the standard random crop (padding 4) and horizontal flip, drawn from the process's torch RNG.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: bool) -> None:
+        self.images = images
+        self.labels = labels
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (self.images[index].float() / 255.0 - FASHION_MEAN) / FASHION_STD
+        if self.augment:
+            # Pad with the normalised value of a black pixel: the padding looks like background.
+            x = F.pad(x, (4, 4, 4, 4), value=-FASHION_MEAN / FASHION_STD)
+            i, j = torch.randint(0, 9, (2,)).tolist()
+            x = x[:, i: i + 32, j: j + 32]
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+        return x, self.labels[index]
+
+
+def _idx_path(root: Path, stem: str) -> Path | None:
+    """``<stem>.gz`` if present, else the raw ``<stem>``; ``None`` when neither exists."""
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _read_idx(path: Path, images: bool) -> torch.Tensor:
+    """One IDX file through torchvision's MNIST reader; a bad file is a ConfigError naming it."""
+    reader = read_image_file if images else read_label_file
+    try:
+        if path.suffix != ".gz":
+            return reader(str(path))
+        # torchvision's reader opens the path itself and does not decompress: inflate to a
+        # temporary file first (never next to the data: /usr/share is read-only).
+        with tempfile.TemporaryDirectory() as tmp:
+            raw = Path(tmp) / path.stem
+            with gzip.open(path, "rb") as src, open(raw, "wb") as dst:
+                shutil.copyfileobj(src, dst, length=1 << 22)
+            return reader(str(raw)).clone()  # the tensor shares the buffer of a file about to go
+    except (AssertionError, RuntimeError, ValueError, TypeError, EOFError, OSError, IndexError) as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(
+            f"Fashion-MNIST file '{path}' is truncated or corrupt ({detail[:120]}); "
+            "reinstall it: apt-get install --reinstall dataset-fashion-mnist"
+        ) from exc
+
+
+def _build_fashion_mnist(cfg: DataConfig) -> DataBundle:
+    root_cfg = cfg.root if cfg.root not in (None, "") else FASHION_ROOT
+    root = _resolve_root(DataConfig(name=cfg.name, root=str(root_cfg)))
+    paths = {k: _idx_path(root, stem) for k, stem in FASHION_FILES.items()}
+    missing = [f"{FASHION_FILES[k]}[.gz]" for k, p in paths.items() if p is None]
+    if missing:
+        raise ConfigError(
+            f"fashion_mnist not found under '{root}' (missing {', '.join(missing)}); "
+            "install it with 'apt-get install dataset-fashion-mnist' (or 'make data'), or put the four "
+            "upstream files from https://github.com/zalandoresearch/fashion-mnist there and set data.root"
+        )
+    tensors = {k: _read_idx(p, images=k.endswith("images")) for k, p in paths.items()}  # type: ignore[arg-type]
+    for split in ("train", "test"):
+        x, y = tensors[f"{split}_images"], tensors[f"{split}_labels"]
+        if x.shape[0] != y.shape[0] or tuple(x.shape[1:]) != (28, 28):
+            raise ConfigError(
+                f"Fashion-MNIST {split} files under '{root}' hold images {tuple(x.shape)} and "
+                f"{y.shape[0]} labels; expected (N, 28, 28) and N labels; reinstall the data"
+            )
+        if y.numel() and not 0 <= int(y.min()) <= int(y.max()) < 10:
+            raise ConfigError(
+                f"Fashion-MNIST {split} labels under '{root}' are outside [0, 10); reinstall the data")
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        # 28 -> 32 so the CIFAR-style networks apply unchanged; kept uint8 (60,000 images: 61 MB).
+        return F.pad(x, (2, 2, 2, 2)).unsqueeze(1).contiguous()
+
+    train_x, test_x = padded(tensors["train_images"]), padded(tensors["test_images"])
+    train_y, test_y = tensors["train_labels"], tensors["test_labels"]
+    return DataBundle(
+        train=FashionMNIST(train_x, train_y, augment=bool(cfg.augment)),
+        test=FashionMNIST(test_x, test_y, augment=False),
+        in_shape=(1, 32, 32),
+        num_classes=10,
+        train_plain=FashionMNIST(train_x, train_y, augment=False),
     )
 
 
@@ -541,13 +711,14 @@ def _build_synthetic(cfg: DataConfig) -> DataBundle:
             f" got {cfg.train_size} and {cfg.test_size}"
         )
     in_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
+    train = SyntheticDataset(
+        int(cfg.train_size), in_shape, int(cfg.num_classes), split=0, seed=SYNTHETIC_SEED)
     return DataBundle(
-        train=SyntheticDataset(
-            int(cfg.train_size), in_shape, int(cfg.num_classes), split=0, seed=SYNTHETIC_SEED
-        ),
+        train=train,
         test=SyntheticDataset(
             int(cfg.test_size), in_shape, int(cfg.num_classes), split=1, seed=SYNTHETIC_SEED
         ),
         in_shape=in_shape,
         num_classes=int(cfg.num_classes),
+        train_plain=train,  # no augmentation
     )

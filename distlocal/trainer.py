@@ -29,12 +29,13 @@ from tqdm import tqdm
 
 from distlocal import checkpoint
 from distlocal.config import MODES, to_yaml
-from distlocal.data import build_datasets, build_loaders
+from distlocal.data import build_datasets, build_eval_loader, build_loaders
 from distlocal.dist.ddp import build_engine
 from distlocal.dist.engine import Engine
 from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
 from distlocal.errors import ConfigError
+from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import RULES, make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
@@ -182,11 +183,14 @@ def train(
     bundle = build_datasets(cfg.data)
     train_loader, test_loader, sampler = build_loaders(
         bundle, tc.batch_size // env.world_size, env.rank, env.world_size, tc.seed, cfg.data.num_workers)
+    val_loader = None if bundle.val is None else build_eval_loader(
+        bundle.val, tc.batch_size // env.world_size, env.rank, env.world_size, cfg.data.num_workers)
     model = build_model(cfg.model, bundle.in_shape, bundle.num_classes).to(env.device)
     model.train()
     rule = make_rule("freeze" if cfg.mode == "freeze" else cfg.local.rule, temperature=cfg.local.temperature)
     schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
     learner = LocalLearner(model, rule, cfg.local.update_every, cfg.local.sample_fraction)
+    learner.auto_freeze = AutoFreeze.from_config(cfg.local.auto_freeze)
     sync = DeltaSync(learner, env, cfg.local.sync_every, cfg.local.sync_async)
     ws = WeakSupervision.from_config(cfg.local.weak_supervision)
     engine = build_engine(cfg.engine, model, env, tc)
@@ -362,11 +366,16 @@ def train(
             "lr": scheduler.get_last_lr()[0], "boundary": learner.boundary,
             "local_lr": cfg.local.lr * ws.multiplier if learner.has_local and rule.name != "freeze" else 0.0,
             "skipped_updates": learner.skipped_updates,
+            "ws_multiplier": ws.multiplier, "ws_backoffs": ws.backoffs,
             "rebuild_ms": sum(engine.rebuild_ms[n_rebuilds:]),
             "grad_allreduce_bytes": engine.grad_allreduce_bytes / max(engine.grad_allreduce_steps, 1),
             "delta_sync_bytes": sync.bytes_sent / max(n_steps, 1),
             "sync_ms": 1e3 * sync.seconds,
         }
+        if val_loader is not None:  # data.val_fraction > 0: the held-out split tuning looks at
+            row["val_loss"], row["val_acc"] = evaluate(model, val_loader, env, tc.precision)
+        if learner.has_local and rule.name != "freeze":
+            row["auto_frozen"] = learner.auto_freeze.flags(learner.boundary)  # per local stage, 1 = frozen
         if schedule is not None:
             u = relative_update(transition, stage_weights(model.stages[learner.boundary]))
             decision = schedule.observe(epoch, u)

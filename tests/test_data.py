@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from distlocal.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     DATASETS,
+    FASHION_MEAN,
+    FASHION_STD,
     DataBundle,
     SyntheticDataset,
     build_datasets,
@@ -215,6 +219,107 @@ def test_cifar_download_goes_through_torchvision(tmp_path: Path, monkeypatch: py
     # Present files are not downloaded again.
     build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST (IDX fixture; CI does not need the Debian package)
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool) -> Path:
+    """An IDX (MNIST-format) file: magic 0x0000 08 <ndim> (uint8), big-endian dims, then the bytes."""
+    payload = struct.pack(">I", 0x0800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload += array.astype(np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def write_fashion(root: Path, n_train: int = 12, n_test: int = 5, gz: bool = True) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, size=(n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": np.arange(n_train, dtype=np.uint8) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, size=(n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": (np.arange(n_test, dtype=np.uint8) * 3) % 10,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, a in arrays.items():
+        write_idx(root / name, a, gz)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_loads_idx_fixture(tmp_path: Path, gz: bool) -> None:
+    arrays = write_fashion(tmp_path, gz=gz)
+    bundle = build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path), augment=False))
+    assert (len(bundle.train), len(bundle.test)) == (12, 5)
+    assert bundle.in_shape == (1, 32, 32) and bundle.num_classes == 10
+    x, y = bundle.test[4]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and int(y) == (4 * 3) % 10
+    # 28x28 zero-padded by 2 on each side, scaled to [0, 1] and normalised.
+    raw = torch.as_tensor(arrays["t10k-images-idx3-ubyte"][4], dtype=torch.float32) / 255.0
+    torch.testing.assert_close(x[0, 2:30, 2:30], (raw - FASHION_MEAN) / FASHION_STD)
+    torch.testing.assert_close(x[0, :2], torch.full((2, 32), -FASHION_MEAN / FASHION_STD))
+    assert [int(bundle.train[i][1]) for i in range(12)] == [i % 10 for i in range(12)]
+
+
+def test_fashion_mnist_augmentation_is_a_shifted_flipped_crop(tmp_path: Path) -> None:
+    write_fashion(tmp_path)
+    plain = build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path), augment=False))
+    aug = build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path), augment=True))
+    bg = -FASHION_MEAN / FASHION_STD
+    x0 = plain.train[0][0][0]
+    padded = torch.nn.functional.pad(x0, (4, 4, 4, 4), value=bg)
+    candidates = [padded[i: i + 32, j: j + 32] for i in range(9) for j in range(9)]
+    candidates += [c.flip(-1) for c in candidates]
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x = aug.train[0][0][0]
+        hits = [k for k, c in enumerate(candidates) if torch.equal(c, x)]
+        assert hits, "an augmented sample is a crop (padding 4) of the image, possibly flipped"
+        seen.add(hits[0])
+    assert len(seen) > 1  # it is random
+    assert torch.equal(aug.test[0][0], plain.test[0][0])  # the test set is never augmented
+
+
+def test_fashion_mnist_missing_root_is_one_line_naming_apt(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    msg = assert_one_line_config_error(exc)
+    assert "apt-get install dataset-fashion-mnist" in msg and str(tmp_path.resolve()) in msg
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_truncated_file_is_named(tmp_path: Path, gz: bool) -> None:
+    write_fashion(tmp_path, gz=gz)
+    name = "train-images-idx3-ubyte" + (".gz" if gz else "")
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(ConfigError) as exc:
+        build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    assert name in assert_one_line_config_error(exc)
+
+
+def test_val_fraction_holds_out_a_seeded_unaugmented_split(tmp_path: Path) -> None:
+    write_fashion(tmp_path, n_train=40)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), val_fraction=0.25, val_seed=7)
+    a, b = build_datasets(cfg), build_datasets(cfg)
+    assert a.val is not None and (len(a.train), len(a.val)) == (30, 10)
+    assert a.val.indices == b.val.indices and a.train.indices == b.train.indices
+    assert not set(a.val.indices) & set(a.train.indices)
+    other = build_datasets(
+        DataConfig(name="fashion_mnist", root=str(tmp_path), val_fraction=0.25, val_seed=8))
+    assert other.val.indices != a.val.indices
+    torch.manual_seed(0)
+    assert torch.equal(a.val[3][0], a.train_plain.dataset[a.val.indices[3]][0])  # never augmented
+    # Off by default: the existing bundles are unchanged.
+    assert build_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path))).val is None
+    with pytest.raises(ConfigError, match="val_fraction"):
+        build_datasets(DataConfig(name="digits", val_fraction=1.5))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,3 +522,18 @@ def test_loader_with_workers_on_real_data(digits: DataBundle) -> None:
     x, y = next(iter(train))
     assert x.shape == (64, 3, 32, 32) and y.shape == (64,)
     assert sum(len(b[1]) for b in test) == 180
+
+
+def test_trainer_logs_val_metrics_with_val_fraction(tmp_path: Path) -> None:
+    import json
+
+    from distlocal.config import compose
+    from distlocal.trainer import train
+
+    cfg = compose(["data=digits", "data.val_fraction=0.2", "mode=sgd", "trainer.epochs=1",
+                   "trainer.max_steps_per_epoch=2", "wandb.mode=disabled", "trainer.progress=false",
+                   "checkpoint.enabled=false"])
+    train(cfg, tmp_path / "run")
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= row["val_acc"] <= 100.0 and row["val_loss"] > 0.0
+    assert row["ws_multiplier"] == 1.0 and row["ws_backoffs"] == 0

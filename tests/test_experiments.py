@@ -15,6 +15,7 @@ EXPERIMENT_DIR = CONFIG_DIR / "experiment"
 CIFAR_MODELS = ("resnet18", "resnet34", "resnet50", "vgg16_bn", "mobilenetv2")
 IMAGENET_MODELS = {"resnet50": "tv:resnet50", "mobilenetv2": "tv:mobilenet_v2"}
 MODES = ("sgd", "local", "freeze")
+FASHION_MODELS = ("convnet", "vgg11")  # fashion_<model>: one per model, the mode from the command line
 
 
 def experiment_names() -> list[str]:
@@ -31,7 +32,20 @@ def expected() -> dict[str, tuple[str, str]]:
 
 def test_the_experiment_set_is_complete() -> None:
     """One experiment per (data, model); the mode comes from the command line."""
-    assert experiment_names() == sorted(expected())
+    assert experiment_names() == sorted([*expected(), *(f"fashion_{m}" for m in FASHION_MODELS)])
+
+
+@pytest.mark.parametrize("model", FASHION_MODELS)
+@pytest.mark.parametrize("mode", MODES)
+def test_fashion_experiment_takes_the_mode_from_the_command_line(model: str, mode: str) -> None:
+    cfg = compose([f"+experiment=fashion_{model}", f"mode={mode}"])
+    validate(cfg)
+    assert (cfg.data.name, cfg.model, cfg.mode, cfg.wandb.group) == ("fashion_mnist", model, mode,
+                                                                     f"fashion_{model}")
+    # Localizing starts after one epoch of SGD, while SGD still improves, and stops at half depth.
+    assert cfg.schedule.name == "static" and cfg.schedule.warmup_epochs == 1
+    assert cfg.schedule.warmup_epochs < cfg.trainer.epochs
+    assert 1 <= cfg.schedule.max_boundary <= 4
 
 
 @pytest.mark.parametrize("name", sorted(expected()))

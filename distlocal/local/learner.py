@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from distlocal.footprint import local_scope
+from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.rules import LocalRule, is_finite
 from distlocal.models.staged import StagedModel
 
@@ -64,6 +65,8 @@ class LocalLearner:
         self.pending_steps = 0  # steps accumulated in the buffer since the last apply
         self.skipped_updates = 0
         self.skipped_in_a_row = 0
+        # Auto-freeze (distlocal/local/autofreeze.py): off unless the trainer sets it from local.auto_freeze.
+        self.auto_freeze = AutoFreeze(enabled=False)
 
     # ------------------------------------------------------------------ boundary
     def local_parameters(self) -> list[nn.Parameter]:
@@ -134,6 +137,8 @@ class LocalLearner:
             # whole model runs for evaluation.
             if not self._update_now:
                 return
+            if self.auto_freeze.is_frozen(slot.stage):  # auto-frozen: the rule is no longer computed
+                return
             x = inputs[0]
             if self.sample_fraction < 1.0:
                 n = max(1, math.ceil(self.sample_fraction * x.shape[0]))
@@ -202,7 +207,10 @@ class LocalLearner:
             self.skipped_in_a_row = 0
             with torch.no_grad():
                 for s in self._slots:
-                    self.rule.apply(s.module, s.w, s.b, 1.0)
+                    if not self.auto_freeze.is_frozen(s.stage):
+                        self.rule.apply(s.module, s.w, s.b, 1.0)
+            # Auto-freeze decides from the rank-averaged buffer: the same on every rank.
+            self.auto_freeze.observe(self._slots, self.pending_steps)
         count = float(self.buffer[-1])
         loss = float(self.buffer[-2]) / count if count > 0 and math.isfinite(float(self.buffer[-2])) else None
         self.buffer.zero_()
@@ -219,7 +227,7 @@ class LocalLearner:
         """The accumulated-but-unsynced buffer, the switch-time weights and the counters."""
         return {"boundary": self.boundary, "buffer": self.buffer.detach().cpu().clone(),
                 "pending_steps": self.pending_steps, "skipped_updates": self.skipped_updates,
-                "skipped_in_a_row": self.skipped_in_a_row,
+                "skipped_in_a_row": self.skipped_in_a_row, "auto_freeze": self.auto_freeze.state_dict(),
                 "switch": {k: v.detach().cpu().clone() for k, v in self._switch.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -230,6 +238,8 @@ class LocalLearner:
         self.pending_steps = int(state["pending_steps"])
         self.skipped_updates = int(state["skipped_updates"])
         self.skipped_in_a_row = int(state["skipped_in_a_row"])
+        if "auto_freeze" in state:  # absent in checkpoints written before auto-freeze existed
+            self.auto_freeze.load_state_dict(state["auto_freeze"])
         dev = self.buffer.device
         self._switch = {k: v.to(dev) for k, v in state["switch"].items()}
 

@@ -27,20 +27,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from distlocal import checkpoint
-from distlocal.config import MODES, to_yaml
+from distlocal import checkpoint, validation
+from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_loaders
 from distlocal.dist.ddp import build_engine
 from distlocal.dist.engine import Engine
 from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
-from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import RULES, make_rule
+from distlocal.local.rules import make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
-from distlocal.models import StagedModel, build_model, model_names
+from distlocal.models import StagedModel, build_model
 from distlocal.profiler import Profiler
 
 
@@ -73,25 +72,10 @@ def lr_lambda(cfg, steps_per_epoch: int):
     return f
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks Hydra's schema cannot express (names only the code knows, value ranges); each
-    failure is one clear line. The entry point runs it before Hydra writes anything."""
-    if not cfg.model.startswith("tv:") and cfg.model not in model_names():
-        valid = ", ".join(model_names())
-        raise ConfigError(f"unknown model '{cfg.model}'; valid models: {valid}, or tv:<torchvision name>")
-    if cfg.local.rule not in RULES:
-        raise ConfigError(f"unknown local.rule '{cfg.local.rule}'; valid: {', '.join(RULES)}")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
-    if cfg.trainer.precision not in ("32", "bf16", "16"):
-        raise ConfigError(f"unknown trainer.precision '{cfg.trainer.precision}'; valid: 32, bf16, 16")
-    if cfg.trainer.lr_schedule not in ("cosine", "step", "constant"):
-        raise ConfigError(
-            f"unknown trainer.lr_schedule '{cfg.trainer.lr_schedule}'; valid: cosine, step, constant")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"unknown wandb.mode '{cfg.wandb.mode}'; valid: offline, online, disabled")
-    if cfg.trainer.epochs < 1 or cfg.trainer.batch_size < 1:
-        raise ConfigError("trainer.epochs and trainer.batch_size must be >= 1")
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Every knob's range, type and choice, and the rules between knobs (``distlocal.validation``);
+    one clear line per failure. The entry point runs the same pass before Hydra writes anything."""
+    validation.validate(cfg, world_size)
 
 
 # local.lr above which a rule lost accuracy in our measurements (docs/local-rules.md).
@@ -167,15 +151,13 @@ def train(
     checkpoint and metrics; ``on_step_end(epoch, step)`` after every step (tests use them to
     compare replicas and to inject faults).
     """
-    validate(cfg)
+    # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
+    validate(cfg, None if env is None else env.world_size)
     _warn_unsafe_lr(cfg)
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
     tc = cfg.trainer
     seed_everything(tc.seed, tc.deterministic)
-    if tc.batch_size % env.world_size:
-        raise ConfigError(
-            f"trainer.batch_size={tc.batch_size} is not divisible by the world size {env.world_size}")
     resume = checkpoint.find_resume(cfg.resume, run_dir)  # every rank reads the same file
 
     # ---- data, model, local learning machinery -------------------------------------------

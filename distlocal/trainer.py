@@ -32,7 +32,7 @@ from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_loaders
 from distlocal.dist.ddp import build_engine
 from distlocal.dist.engine import Engine
-from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
+from distlocal.dist.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
@@ -209,18 +209,28 @@ def train(
         if not cfg.checkpoint.enabled:
             return
         engine_state = engine.state_dict()  # a collective under DeepSpeed ZeRO 1/2: every rank
-        if not env.is_main:
-            return
-        checkpoint.save(run_dir / "checkpoints", {
-            "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
-            "boundary": learner.boundary, "boundaries": list(boundaries), "learner": learner.state_dict(),
-            "engine": engine_state, "scheduler": scheduler.state_dict(),
-            "weak_supervision": ws.state_dict(),
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
-            "transition": transition if mid_epoch else None,
-        }, keep=cfg.checkpoint.keep)
+        error = None
+        if env.is_main:
+            try:
+                checkpoint.save(run_dir / "checkpoints", {
+                    "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
+                    "boundary": learner.boundary, "boundaries": list(boundaries),
+                    "learner": learner.state_dict(),
+                    "engine": engine_state, "scheduler": scheduler.state_dict(),
+                    "weak_supervision": ws.state_dict(),
+                    "schedule": schedule.state_dict() if schedule is not None else None,
+                    "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
+                    "transition": transition if mid_epoch else None,
+                }, keep=cfg.checkpoint.keep)
+            except checkpoint.CheckpointError as exc:  # disk full, I/O error: last.pt is the previous one
+                error = str(exc)
+        # Every rank learns the outcome, so a failed write stops them all with rank 0's one line
+        # instead of leaving the others waiting in the next collective until the timeout.
+        if env.distributed:
+            error = broadcast_object(error, env)
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
 
     # ---- run directory: rank 0 alone writes it ---------------------------------------------
     if env.is_main:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -138,6 +139,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's ``[loss_sum, n_seen]`` of the epoch in progress, by rank (mid-epoch checkpoints).
+
+    Each rank sums its own shard until the epoch-end all-reduce; a checkpoint that kept rank 0's
+    alone would make every resumed rank start from rank 0's sums (the epoch's train loss wrong).
+    """
+    t = torch.tensor(sums, dtype=torch.float64)
+    if not env.distributed:
+        return [t.tolist()]
+    if dist.get_backend() == "nccl":
+        t = t.to(env.device)
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t)
+    return [p.cpu().tolist() for p in parts]
+
+
+def _own_sums(saved: list, saved_world: int, env: DistEnv) -> list[float]:
+    """This rank's share of the saved per-rank sums: its own on the same world size (exact);
+    otherwise rank 0 carries the total and the others start at zero (the same epoch mean)."""
+    if saved and not isinstance(saved[0], (list, tuple)):  # a checkpoint from before per-rank sums
+        saved = [list(saved)]
+    if saved_world == env.world_size and len(saved) == env.world_size:
+        return list(saved[env.rank])
+    total = [sum(s[0] for s in saved), sum(s[1] for s in saved)]
+    return total if env.is_main else [0.0, 0.0]
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path,
@@ -197,7 +225,8 @@ def train(
         best_acc, acc, boundaries = st["best_acc"], st["acc"], list(st["boundaries"])
         global_step = st["global_step"]
         if st["mid_epoch"]:
-            start_epoch, start_step, epoch_sums = st["epoch"], st["step_in_epoch"], list(st["epoch_sums"])
+            start_epoch, start_step = st["epoch"], st["step_in_epoch"]
+            epoch_sums = _own_sums(st["epoch_sums"], st["world_size"], env)
             boundaries = boundaries[:-1]  # the epoch in progress re-records its boundary
         else:
             start_epoch = st["epoch"] + 1
@@ -209,12 +238,13 @@ def train(
         if not cfg.checkpoint.enabled:
             return
         engine_state = engine.state_dict()  # a collective under DeepSpeed ZeRO 1/2: every rank
+        sums = _gather_sums(epoch_sums, env) if mid_epoch else [list(epoch_sums)]  # a collective too
         error = None
         if env.is_main:
             try:
                 checkpoint.save(run_dir / "checkpoints", {
                     "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                    "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
+                    "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": sums,
                     "boundary": learner.boundary, "boundaries": list(boundaries),
                     "learner": learner.state_dict(),
                     "engine": engine_state, "scheduler": scheduler.state_dict(),

@@ -40,8 +40,8 @@ TRAIN_OVERRIDES = [
     "trainer.deterministic=true", "trainer.max_steps_per_epoch=4", "trainer.progress=false",
     "schedule=static", "schedule.warmup_epochs=1", "schedule.every=1", "schedule.step=1",
     "wandb.mode=disabled",
-    # engine.state_dict() is a collective under ZeRO 1/2 and the trainer still calls it on rank 0
-    # only, so these runs compare the weights through on_epoch_end instead of checkpoints/last.pt.
+    # These runs compare the weights through on_epoch_end; checkpoints and resume are covered by
+    # the resume job (test_resume_is_bit_exact).
     "checkpoint.enabled=false",
 ]
 ENGINES = {"ddp": ["engine=ddp"],

@@ -210,7 +210,7 @@ class DeepSpeedEngine(Engine):
         # bf16/fp16: DeepSpeed casts the suffix; the prefix output arrives in fp32 (or autocast's dtype).
         if self.lp_dtype is not None and h.is_floating_point():
             h = h.to(self.lp_dtype)
-        if self.engine.training:
+        if self.model.training:  # as DDP: training forwards only (evaluation runs the model itself)
             self._broadcast_buffers()
         return self.engine(h)
 

@@ -1,11 +1,17 @@
 """Crash-safe checkpoints: temp file, fsync, rename; ``last.pt`` always the newest complete one.
 
+``last.pt`` is a hard link to the newest numbered file (written once, not twice), swapped in by an
+atomic rename; where the file system refuses hard links it is a copy, swapped in the same way. A
+save that fails part-way (disk full, I/O error) removes its partial files and raises
+:class:`CheckpointError`; ``last.pt`` then still names the previous complete checkpoint.
+
 Checkpoints are loaded with ``torch.load(weights_only=True)``: they hold tensors and plain
 Python values only, so a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import warnings
@@ -19,6 +25,10 @@ from distlocal.errors import ConfigError
 FORMAT = "distlocal-checkpoint-v1"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; ``last.pt`` still names the previous complete one."""
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -29,11 +39,44 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no partial file behind
+
+
+# Errors of os.link that mean "this file system has no hard links here", not "the disk is broken".
+_NO_LINKS = {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS,
+             errno.EACCES}
+
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    """Make ``dst`` name the same bytes as ``src`` atomically: a hard link, else a copy; returns which.
+
+    The new name is made beside ``dst`` and renamed over it, so ``dst`` is at every moment either
+    its old file or the complete new one.
+    """
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+            how = "link"
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            shutil.copyfile(src, tmp)
+            with tmp.open("rb+") as f:
+                os.fsync(f.fileno())
+            how = "copy"
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return how
 
 
 def _numbered(folder: Path) -> list[Path]:
@@ -43,25 +86,30 @@ def _numbered(folder: Path) -> list[Path]:
 
 
 def save(folder: Path, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``<name>.pt`` then ``last.pt`` atomically; keep the newest ``keep`` numbered files.
+    """Write ``<name>.pt`` then point ``last.pt`` at it; keep the newest ``keep`` numbered files.
 
     The file is named by epoch (``epoch_0003.pt``) or, mid-epoch, by global step
-    (``step_00001234.pt``). ``last.pt`` is a copy made after the numbered file is complete, so
-    a crash at any point leaves a complete ``last.pt`` or the previous one.
+    (``step_00001234.pt``). ``last.pt`` is swapped to it only after it is complete and on disk, so
+    a crash at any point leaves a complete ``last.pt`` or the previous one. A failed write raises
+    :class:`CheckpointError` (one line: what failed and what to do) after removing its partial
+    files; the previous checkpoints are untouched.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, **state}
     name = (
         f"step_{state['global_step']:08d}.pt" if state.get("mid_epoch") else f"epoch_{state['epoch']:04d}.pt"
     )
     path = folder / name
-    _atomic_save(state, path)
-    tmp_last = folder / "last.pt.tmp"
-    shutil.copyfile(path, tmp_last)
-    with tmp_last.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp_last, folder / "last.pt")
-    _fsync_dir(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save(state, path)
+        link_or_copy(path, folder / "last.pt")
+        _fsync_dir(folder)
+    except Exception as exc:  # ENOSPC, EIO, a pickling error: the run decides (retry or stop)
+        prev = folder / "last.pt"
+        kept = "last.pt still holds the previous checkpoint" if prev.exists() else "no earlier checkpoint"
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise CheckpointError(f"could not write checkpoint {path} ({reason}); {kept}; free space or fix "
+                              f"the file system under {folder}, then rerun with resume=auto") from exc
     if keep > 0:
         for old in _numbered(folder)[:-keep]:
             old.unlink()

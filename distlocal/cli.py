@@ -45,12 +45,10 @@ def explain(exc: BaseException) -> str:
 
     msg = str(exc)
     if isinstance(exc, MissingConfigException):
-        m = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", msg)
         if m:
             group, name = m.groups()
-            opts = [o.strip() for o in msg.split(f"Available options in '{group}':", 1)[-1].split("\n")
-                    if o.startswith("\t") and not o.strip().startswith("base_")]
-            return f"unknown {group} '{name}'; valid: {', '.join(opts)}"
+            return f"unknown {group} '{name}'; valid: {', '.join(group_options(group))}"
     first = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
     cause = exc.__cause__
     if cause is not None and str(cause).strip():
@@ -58,6 +56,17 @@ def explain(exc: BaseException) -> str:
     if "is not in struct" in first:
         first += " (check the spelling; `python launch/train.py --cfg job` lists every key)"
     return first
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (``data``, ``engine``, ...): its YAML files in ``configs/``.
+
+    Read from the config tree itself, not from Hydra's error text, which also lists the search
+    path; the schema entries (``base_*``) are not options a user picks.
+    """
+    from distlocal.config import CONFIG_DIR
+
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("base_"))
 
 
 def die(message: str, code: int = 2) -> None:
@@ -74,7 +83,7 @@ def precheck(argv: list[str]) -> DictConfig | None:
     if overrides is None:
         return None
     from distlocal.config import compose
-    from distlocal.trainer import validate
+    from distlocal.validation import validate
 
     try:
         cfg = compose(overrides)

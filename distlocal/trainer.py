@@ -23,25 +23,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from distlocal import checkpoint
-from distlocal.config import MODES, to_yaml
+from distlocal import checkpoint, validation
+from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_eval_loader, build_loaders
 from distlocal.dist.ddp import build_engine
 from distlocal.dist.engine import Engine
-from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
+from distlocal.dist.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
-from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import RULES, make_rule
+from distlocal.local.rules import make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
-from distlocal.models import StagedModel, build_model, model_names
+from distlocal.models import StagedModel, build_model
 from distlocal.profiler import Profiler
 
 
@@ -74,25 +74,10 @@ def lr_lambda(cfg, steps_per_epoch: int):
     return f
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks Hydra's schema cannot express (names only the code knows, value ranges); each
-    failure is one clear line. The entry point runs it before Hydra writes anything."""
-    if not cfg.model.startswith("tv:") and cfg.model not in model_names():
-        valid = ", ".join(model_names())
-        raise ConfigError(f"unknown model '{cfg.model}'; valid models: {valid}, or tv:<torchvision name>")
-    if cfg.local.rule not in RULES:
-        raise ConfigError(f"unknown local.rule '{cfg.local.rule}'; valid: {', '.join(RULES)}")
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode '{cfg.mode}'; valid: {', '.join(MODES)}")
-    if cfg.trainer.precision not in ("32", "bf16", "16"):
-        raise ConfigError(f"unknown trainer.precision '{cfg.trainer.precision}'; valid: 32, bf16, 16")
-    if cfg.trainer.lr_schedule not in ("cosine", "step", "constant"):
-        raise ConfigError(
-            f"unknown trainer.lr_schedule '{cfg.trainer.lr_schedule}'; valid: cosine, step, constant")
-    if cfg.wandb.mode not in ("offline", "online", "disabled"):
-        raise ConfigError(f"unknown wandb.mode '{cfg.wandb.mode}'; valid: offline, online, disabled")
-    if cfg.trainer.epochs < 1 or cfg.trainer.batch_size < 1:
-        raise ConfigError("trainer.epochs and trainer.batch_size must be >= 1")
+def validate(cfg: DictConfig, world_size: int | None = None) -> None:
+    """Every knob's range, type and choice, and the rules between knobs (``distlocal.validation``);
+    one clear line per failure. The entry point runs the same pass before Hydra writes anything."""
+    validation.validate(cfg, world_size)
 
 
 # local.lr above which a rule lost accuracy in our measurements (docs/local-rules.md).
@@ -155,6 +140,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's ``[loss_sum, n_seen]`` of the epoch in progress, by rank (mid-epoch checkpoints).
+
+    Each rank sums its own shard until the epoch-end all-reduce; a checkpoint that kept rank 0's
+    alone would make every resumed rank start from rank 0's sums (the epoch's train loss wrong).
+    """
+    t = torch.tensor(sums, dtype=torch.float64)
+    if not env.distributed:
+        return [t.tolist()]
+    if dist.get_backend() == "nccl":
+        t = t.to(env.device)
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t)
+    return [p.cpu().tolist() for p in parts]
+
+
+def _own_sums(saved: list, saved_world: int, env: DistEnv) -> list[float]:
+    """This rank's share of the saved per-rank sums: its own on the same world size (exact);
+    otherwise rank 0 carries the total and the others start at zero (the same epoch mean)."""
+    if saved and not isinstance(saved[0], (list, tuple)):  # a checkpoint from before per-rank sums
+        saved = [list(saved)]
+    if saved_world == env.world_size and len(saved) == env.world_size:
+        return list(saved[env.rank])
+    total = [sum(s[0] for s in saved), sum(s[1] for s in saved)]
+    return total if env.is_main else [0.0, 0.0]
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path,
@@ -168,15 +180,13 @@ def train(
     checkpoint and metrics; ``on_step_end(epoch, step)`` after every step (tests use them to
     compare replicas and to inject faults).
     """
-    validate(cfg)
+    # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
+    validate(cfg, None if env is None else env.world_size)
     _warn_unsafe_lr(cfg)
     t_start = time.perf_counter()
     env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
     tc = cfg.trainer
     seed_everything(tc.seed, tc.deterministic)
-    if tc.batch_size % env.world_size:
-        raise ConfigError(
-            f"trainer.batch_size={tc.batch_size} is not divisible by the world size {env.world_size}")
     resume = checkpoint.find_resume(cfg.resume, run_dir)  # every rank reads the same file
 
     # ---- data, model, local learning machinery -------------------------------------------
@@ -219,7 +229,8 @@ def train(
         best_acc, acc, boundaries = st["best_acc"], st["acc"], list(st["boundaries"])
         global_step = st["global_step"]
         if st["mid_epoch"]:
-            start_epoch, start_step, epoch_sums = st["epoch"], st["step_in_epoch"], list(st["epoch_sums"])
+            start_epoch, start_step = st["epoch"], st["step_in_epoch"]
+            epoch_sums = _own_sums(st["epoch_sums"], st["world_size"], env)
             boundaries = boundaries[:-1]  # the epoch in progress re-records its boundary
         else:
             start_epoch = st["epoch"] + 1
@@ -231,18 +242,29 @@ def train(
         if not cfg.checkpoint.enabled:
             return
         engine_state = engine.state_dict()  # a collective under DeepSpeed ZeRO 1/2: every rank
-        if not env.is_main:
-            return
-        checkpoint.save(run_dir / "checkpoints", {
-            "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-            "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": list(epoch_sums),
-            "boundary": learner.boundary, "boundaries": list(boundaries), "learner": learner.state_dict(),
-            "engine": engine_state, "scheduler": scheduler.state_dict(),
-            "weak_supervision": ws.state_dict(),
-            "schedule": schedule.state_dict() if schedule is not None else None,
-            "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
-            "transition": transition if mid_epoch else None,
-        }, keep=cfg.checkpoint.keep)
+        sums = _gather_sums(epoch_sums, env) if mid_epoch else [list(epoch_sums)]  # a collective too
+        error = None
+        if env.is_main:
+            try:
+                checkpoint.save(run_dir / "checkpoints", {
+                    "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                    "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": sums,
+                    "boundary": learner.boundary, "boundaries": list(boundaries),
+                    "learner": learner.state_dict(),
+                    "engine": engine_state, "scheduler": scheduler.state_dict(),
+                    "weak_supervision": ws.state_dict(),
+                    "schedule": schedule.state_dict() if schedule is not None else None,
+                    "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
+                    "transition": transition if mid_epoch else None,
+                }, keep=cfg.checkpoint.keep)
+            except checkpoint.CheckpointError as exc:  # disk full, I/O error: last.pt is the previous one
+                error = str(exc)
+        # Every rank learns the outcome, so a failed write stops them all with rank 0's one line
+        # instead of leaving the others waiting in the next collective until the timeout.
+        if env.distributed:
+            error = broadcast_object(error, env)
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
 
     # ---- run directory: rank 0 alone writes it ---------------------------------------------
     if env.is_main:

@@ -21,6 +21,7 @@ from distlocal.errors import ConfigError
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> float:
+    from distlocal.checkpoint import CheckpointError
     from distlocal.trainer import TrainingDiverged, train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -28,7 +29,7 @@ def main(cfg: DictConfig) -> float:
         summary = train(cfg, run_dir)
     except ConfigError as exc:
         cli.die(str(exc))
-    except TrainingDiverged as exc:
+    except (TrainingDiverged, CheckpointError) as exc:  # stopped with its state saved: resume=auto
         cli.die(str(exc), code=3)
     return summary["final_test_acc"]  # the value a Hydra sweeper would optimise
 

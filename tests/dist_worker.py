@@ -7,8 +7,13 @@ epoch, the largest absolute difference between the ranks' parameters and buffers
 
 Fault injection (environment):
 - ``EXIT_AFTER_EPOCH=N``: every rank exits (code 0, no clean-up) after epoch N's checkpoint.
-- ``KILL_AT=E:S``: on the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT=0``)
-  rank 1 sends itself SIGKILL after step S of epoch E.
+- ``KILL_IN_SYNC=N``: on the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT=0``)
+  rank 1 sends itself SIGKILL in its N-th delta sync, while rank 0 waits in that all-reduce.
+- ``BAD_DELTA=N:nan,M:inf``: rank 1 writes NaN (Inf) into its delta buffer just before its N-th
+  (M-th) delta sync; each rank writes ``OUT_DIR/bad_delta_rank<r>.json``: per injection, whether
+  its local weights came out of that sync unchanged and the skip counter before and after.
+
+Both wrap ``DeltaSync.start``/``finish`` here, in the worker: the library is not touched.
 """
 
 from __future__ import annotations
@@ -23,7 +28,51 @@ import torch
 import torch.distributed as dist
 
 from distlocal.config import compose
+from distlocal.dist.sync import DeltaSync
 from distlocal.trainer import train
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _inject_faults(out: Path) -> None:
+    """Wrap DeltaSync.start/finish for KILL_IN_SYNC and BAD_DELTA (see the module doc)."""
+    kill = os.environ.get("KILL_IN_SYNC")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        kill = None  # the restarted attempt runs clean
+    bad = dict(item.split(":") for item in os.environ.get("BAD_DELTA", "").split(",") if item)
+    if kill is None and not bad:
+        return
+    start, finish = DeltaSync.start, DeltaSync.finish
+    calls = [0]
+    seen: dict[str, dict] = {}
+
+    def local_weights(sync: DeltaSync) -> torch.Tensor:
+        stages = sync.learner.model.stages[: sync.learner.boundary]
+        return torch.cat([p.detach().reshape(-1).clone() for s in stages for p in s.parameters()])
+
+    def faulty_start(self: DeltaSync) -> None:
+        calls[0] += 1
+        n = str(calls[0])
+        if kill == n and _rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # rank 0 is (or soon will be) inside the all-reduce
+        if n in bad:
+            seen[n] = {"before": local_weights(self), "skipped_before": self.learner.skipped_updates}
+            if _rank() == 1:
+                self.learner.buffer[0] = float(bad[n])  # "nan" or "inf"
+        start(self)
+
+    def checked_finish(self: DeltaSync) -> float | None:
+        loss = finish(self)
+        n = str(calls[0])
+        if n in seen and "unchanged" not in seen[n]:
+            seen[n]["unchanged"] = bool(torch.equal(seen[n].pop("before"), local_weights(self)))
+            seen[n]["skipped_after"] = self.learner.skipped_updates
+            (out / f"bad_delta_rank{_rank()}.json").write_text(json.dumps(seen))
+        return loss
+
+    DeltaSync.start, DeltaSync.finish = faulty_start, checked_finish
 
 
 def main() -> None:
@@ -31,7 +80,7 @@ def main() -> None:
     cfg = compose(sys.argv[2:])
     diffs: list[float] = []
     exit_after = os.environ.get("EXIT_AFTER_EPOCH")
-    kill_at = os.environ.get("KILL_AT")
+    _inject_faults(out)
 
     def compare_replicas(epoch, model, learner, engine) -> None:
         flat = torch.cat([t.detach().double().reshape(-1) for t in model.state_dict().values()])
@@ -47,13 +96,7 @@ def main() -> None:
                 dist.destroy_process_group()
             os._exit(0)
 
-    def maybe_kill(epoch: int, step: int) -> None:
-        if kill_at is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-            return
-        if f"{epoch}:{step}" == kill_at and int(os.environ.get("RANK", "0")) == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    train(cfg, out / "run", on_epoch_end=compare_replicas, on_step_end=maybe_kill)
+    train(cfg, out / "run", on_epoch_end=compare_replicas)
     if not dist.is_initialized() or dist.get_rank() == 0:
         (out / "replicas.json").write_text(json.dumps(diffs))
     if dist.is_initialized():

@@ -40,8 +40,8 @@ TRAIN_OVERRIDES = [
     "trainer.deterministic=true", "trainer.max_steps_per_epoch=4", "trainer.progress=false",
     "schedule=static", "schedule.warmup_epochs=1", "schedule.every=1", "schedule.step=1",
     "wandb.mode=disabled",
-    # engine.state_dict() is a collective under ZeRO 1/2 and the trainer still calls it on rank 0
-    # only, so these runs compare the weights through on_epoch_end instead of checkpoints/last.pt.
+    # These runs compare the weights through on_epoch_end; checkpoints and resume are covered by
+    # the resume job (test_resume_is_bit_exact).
     "checkpoint.enabled=false",
 ]
 ENGINES = {"ddp": ["engine=ddp"],
@@ -78,7 +78,40 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ZeRO 0/1/2 runs interrupted and resumed with resume=auto, in one torchrun job."""
+    out = tmp_path_factory.mktemp("deepspeed_resume")
+    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__)), "resume",
+          str(out)], cwd=ROOT)
+    return json.loads((out / "resume.json").read_text())
+
+
 # --------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("cut", ["epoch", "mid"])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_resume_is_bit_exact(resumed: dict[str, Any], stage: int, cut: str) -> None:
+    """Stopped after epoch 0 (or mid-epoch 1, from a `checkpoint.every_steps` file), `resume=auto`
+    finishes with the uninterrupted run's weights, BN statistics and metrics, bit for bit."""
+    r = resumed[f"zero{stage}"][cut]
+    assert r["resumed_from"] == ({"epoch": 0, "mid_epoch": False} if cut == "epoch"
+                                 else {"epoch": 1, "mid_epoch": True, "step_in_epoch": 2})
+    assert r["boundaries"] == [0, 1]  # a rebuild after the load (epoch), before it (mid)
+    assert r["weights_equal"], f"weights differ from the uninterrupted run: {r['diff']}"
+    assert r["rows_equal"], r["rows"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_bn_statistics_follow_ddp_every_epoch(resumed: dict[str, Any], stage: int) -> None:
+    """With BN in the suffix, rank 0's statistics are broadcast before each forward as DDP does: the
+    test accuracy equals DDP's every epoch and the final statistics agree to float rounding."""
+    r = resumed[f"zero{stage}"]["vs_ddp"]
+    assert r["test_acc"][0] == r["test_acc"][1]
+    assert r["bn_allclose"], f"BN statistics differ from DDP by {r['bn_max_abs']}"
+    if stage == 0:  # not vacuous: without the broadcast the statistics do differ from DDP's
+        assert r["bn_max_abs_without_broadcast"] > 1e3 * max(r["bn_max_abs"], 1e-7)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_trainer_matches_ddp(results: dict[str, Any], stage: int) -> None:
     """Same seed and data: engine=deepspeed (ZeRO `stage`) ends with DDP's weights, two boundary moves."""
@@ -412,8 +445,104 @@ def _hebbian(env) -> dict[str, Any]:  # noqa: ANN001
             "not_in_optimizer": not_in_opt}
 
 
+class _Interrupt(Exception):
+    """Raised by a hook on every rank at the same point: the run stops as if killed there."""
+
+
+# Rows' keys that two runs must agree on (the rest are wall-clock and memory readings).
+_ROW_KEYS = ("epoch", "train_loss", "test_loss", "test_acc", "boundary", "lr", "local_lr", "skipped_updates",
+             "u")
+
+
+def _resume_worker(out: Path) -> None:  # pragma: no cover - runs under torchrun
+    """Per ZeRO stage: an uninterrupted run, one stopped after epoch 0 (boundary 0: the resumed run
+    loads the engine state, then rebuilds at boundary 1) and one stopped mid-epoch 1 (after the
+    step-6 checkpoint, boundary 1: the engine is rebuilt first, then loaded), each finished by a
+    second ``train`` with ``resume=auto``; and a DDP run of the same config, for the BN statistics."""
+    import torch
+
+    from distlocal import checkpoint
+    from distlocal.config import compose
+    from distlocal.dist.env import init_distributed
+    from distlocal.trainer import train
+
+    env = init_distributed("cpu", "gloo", 300)
+    base = ["model=convnet", "data=digits", "mode=local", "trainer.epochs=2", "trainer.device=cpu",
+            "trainer.deterministic=true", "trainer.max_steps_per_epoch=4", "trainer.batch_size=32",
+            "trainer.progress=false", "schedule.warmup_epochs=1", "wandb.mode=disabled",
+            "profiler.enabled=false", "checkpoint.every_steps=6", "resume=auto", "engine=deepspeed"]
+
+    def stop_after_epoch_0(epoch: int, *_: Any) -> None:
+        if epoch == 0:
+            raise _Interrupt
+
+    def stop_mid_epoch_1(epoch: int, step: int) -> None:
+        if (epoch, step) == (1, 1):  # global step 6: the step checkpoint was just written
+            raise _Interrupt
+
+    def rows(run: Path) -> list[dict[str, Any]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [{k: json.loads(line).get(k) for k in _ROW_KEYS} for line in lines]
+
+    def final(run: Path) -> dict[str, torch.Tensor]:
+        return checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+
+    ddp = out / "ddp"
+    train(compose([*base[:-1], "engine=ddp"]), ddp, env=env)
+    results: dict[str, Any] = {}
+    for stage in (0, 1, 2):
+        cfg = compose([*base, f"engine.zero_stage={stage}"])
+        full = out / f"zero{stage}_full"
+        train(cfg, full, env=env)
+        res: dict[str, Any] = {}
+        if env.is_main:
+            a, b = final(ddp), final(full)
+            bufs = [k for k in a if "running_" in k]
+            res["vs_ddp"] = {
+                "test_acc": [[r["test_acc"] for r in rows(x)] for x in (ddp, full)],
+                "bn_max_abs": max(float((a[k] - b[k]).abs().max()) for k in bufs),
+                "bn_allclose": all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in bufs)}
+        if stage == 0:  # the same run without the broadcast: what the check above would miss
+            from distlocal.dist.deepspeed import DeepSpeedEngine
+
+            keep = DeepSpeedEngine._broadcast_buffers
+            DeepSpeedEngine._broadcast_buffers = lambda self: None
+            try:
+                train(cfg, out / "zero0_no_broadcast", env=env)
+            finally:
+                DeepSpeedEngine._broadcast_buffers = keep
+            if env.is_main:
+                a, b = final(ddp), final(out / "zero0_no_broadcast")
+                res["vs_ddp"]["bn_max_abs_without_broadcast"] = max(
+                    float((a[k] - b[k]).abs().max()) for k in a if "running_" in k)
+                res["vs_ddp"]["test_acc_without_broadcast"] = [
+                    r["test_acc"] for r in rows(out / "zero0_no_broadcast")]
+        for cut, hooks in (("epoch", {"on_epoch_end": stop_after_epoch_0}),
+                           ("mid", {"on_step_end": stop_mid_epoch_1})):
+            run = out / f"zero{stage}_{cut}"
+            try:
+                train(cfg, run, env=env, **hooks)
+            except _Interrupt:
+                pass
+            saved = checkpoint.load(run / "checkpoints" / "last.pt") if env.is_main else {}
+            summary = train(cfg, run, env=env)
+            if not env.is_main:
+                continue
+            keys = ("epoch", "mid_epoch", "step_in_epoch") if saved["mid_epoch"] else ("epoch", "mid_epoch")
+            a, b = final(full), final(run)
+            diff = {k: float((a[k].double() - b[k].double()).abs().max())
+                    for k in a if not torch.equal(a[k], b[k])}
+            res[cut] = {"resumed_from": {k: saved[k] for k in keys},
+                        "boundaries": summary["boundary_per_epoch"],
+                        "weights_equal": a.keys() == b.keys() and not diff, "diff": diff,
+                        "rows_equal": rows(full) == rows(run), "rows": [rows(full), rows(run)]}
+        results[f"zero{stage}"] = res
+    if env.is_main:
+        (out / "resume.json").write_text(json.dumps(results, indent=1))
+
+
 if __name__ == "__main__":  # pragma: no cover - the torchrun worker
-    if len(sys.argv) != 3 or sys.argv[1] != "worker":
-        sys.exit("usage: torchrun --nproc_per_node 2 tests/test_deepspeed.py worker OUT_DIR")
+    if len(sys.argv) != 3 or sys.argv[1] not in ("worker", "resume"):
+        sys.exit("usage: torchrun --nproc_per_node 2 tests/test_deepspeed.py worker|resume OUT_DIR")
     sys.path.insert(0, str(ROOT))
-    _worker(Path(sys.argv[2]))
+    (_worker if sys.argv[1] == "worker" else _resume_worker)(Path(sys.argv[2]))

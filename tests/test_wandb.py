@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from wandb_reader import history, records
+from wandb_reader import finished_log, history
 
 from distlocal.config import compose
 from distlocal.trainer import train
@@ -44,7 +44,7 @@ def test_offline_run_history_holds_per_epoch_keys(tmp_path, monkeypatch):
     assert [r["local/boundary"] for r in rows] == [0, 1, 2]
     local = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["test/test_acc"] for r in rows] == [r["test_acc"] for r in local]  # same rows as the jsonl
-    recs = records(next(run_dir.glob("wandb/offline-run-*/run-*.wandb")))
+    _, recs = finished_log(run_dir)
     (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "g1" and "mode:local" in run.tags and "world:1" in run.tags
     summaries = [r.summary for r in recs if r.WhichOneof("record_type") == "summary"]

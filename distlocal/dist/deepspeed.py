@@ -210,7 +210,32 @@ class DeepSpeedEngine(Engine):
         # bf16/fp16: DeepSpeed casts the suffix; the prefix output arrives in fp32 (or autocast's dtype).
         if self.lp_dtype is not None and h.is_floating_point():
             h = h.to(self.lp_dtype)
+        if self.model.training:  # as DDP: training forwards only (evaluation runs the model itself)
+            self._broadcast_buffers()
         return self.engine(h)
+
+    @torch.no_grad()
+    def _broadcast_buffers(self) -> None:
+        """Rank 0's suffix buffers (BN running statistics) on every rank, before each training forward.
+
+        What DDP's ``broadcast_buffers`` does, which DeepSpeed lacks: without it each rank's suffix
+        BN statistics follow its own shard until the epoch-end average, so the test metrics of an
+        epoch differ from DDP's and a mid-epoch checkpoint (rank 0's statistics) resumes rank 1 from
+        statistics it never had. One broadcast per dtype (float statistics, int64 batch counters).
+        """
+        if not self.env.distributed:
+            return
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for stage in self.model.stages[self.boundary:]:
+            for b in stage.buffers():
+                by_dtype.setdefault(b.dtype, []).append(b)
+        for bufs in by_dtype.values():
+            flat = torch.cat([b.reshape(-1) for b in bufs])
+            dist.broadcast(flat, src=0)
+            off = 0
+            for b in bufs:
+                b.copy_(flat[off: off + b.numel()].view_as(b))
+                off += b.numel()
 
     def backward_step(self, loss: torch.Tensor) -> None:
         """DeepSpeed's backward (gradient reduction of the suffix) and step (also zeroes the grads)."""

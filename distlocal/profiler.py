@@ -419,8 +419,8 @@ class ReferenceStep:
         with torch.no_grad():
             self.model.load_state_dict(self.source.state_dict())
 
-    def run(self) -> float:
-        """One all-SGD step; returns its loss."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch of the copy's own pass over the loader, on the device."""
         if self._it is None:
             self._it = self.batches()
         try:
@@ -428,12 +428,21 @@ class ReferenceStep:
         except StopIteration:
             self._it = self.batches()
             x, y = next(self._it)
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        with self.autocast():
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             forward_ctx: Callable[[], AbstractContextManager] | None = None) -> float:
+        """One all-SGD step on ``(x, y)`` (``forward_ctx`` around its forward and loss, e.g. an
+        :class:`ActivationCounter`); returns the loss."""
+        with (forward_ctx or contextlib.nullcontext)(), self.autocast():
             out = self.engine.forward(x)
             loss = F.cross_entropy(out.float(), y)
         self.engine.backward_step(loss)
         return float(loss.detach())
+
+    def run(self) -> float:
+        """One all-SGD step as the trainer runs one: fetch the batch, then :meth:`step`."""
+        return self.step(*self.next_batch())
 
     def reset_iterator(self) -> None:
         """A new epoch: the next :meth:`run` starts a fresh pass over the loader."""
@@ -447,6 +456,11 @@ class ReferenceStep:
 # ---------------------------------------------------------------------------------------------
 # the profiler
 # ---------------------------------------------------------------------------------------------
+def _clock() -> float:
+    """The profiler's clock on CPU (tests replace it with a fake one)."""
+    return time.perf_counter()
+
+
 def _median(xs: Sequence[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -503,7 +517,7 @@ class Profiler:
         self.device = torch.device(device)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.verbose = verbose
-        self._clock = clock or time.perf_counter
+        self._clock = clock or _clock
         self._events = clock is None and self.device.type == "cuda"
         self.memory_snapshot = bool(cfg.memory_snapshot) and self.enabled
         if self.memory_snapshot and self.device.type != "cuda":
@@ -617,10 +631,12 @@ class Profiler:
                 opts = tuple(o for o in (getattr(ref.engine, "optimizer", None),)
                              if isinstance(o, torch.optim.Optimizer))
                 ref.run()
+                x, y = ref.next_batch()  # created before the measurement, as the run's batch is
+                act = ActivationCounter(getattr(ref.model, "stages", [ref.model]))
                 self._cuda_reset()
-                with track_footprint(self.device, modules=(ref.model,), optimizers=opts) as fp, \
-                        ActivationCounter(getattr(ref.model, "stages", [ref.model])) as act:
-                    ref.run()
+                with track_footprint(self.device, modules=(ref.model,), optimizers=opts) as fp:
+                    ref.step(x, y, forward_ctx=lambda: act)
+                del x, y
                 self._ref_fp = {**fp.as_metrics("footprint_ref"), "activation_bytes_ref": act.total,
                                 "cuda_step_peak_ref_bytes": self._cuda_peak()}
                 self._log(f"all-SGD reference: a boundary-0 copy behind its own {type(ref.engine).__name__}, "

@@ -21,6 +21,7 @@ from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import StagedModel, build_model
 from distlocal.profiler import (
+    HEADLINE_KEYS,
     ActivationCounter,
     Profiler,
     device_memory,
@@ -287,11 +288,11 @@ def test_speedup_from_a_fake_clock_and_the_reference_leaves_the_run_alone() -> N
     prof.close()
 
 
-# 16 steps: 0 warms up, 1 is measured, then whole periods: 1 (steps 2) or 4 (2..5) profiled, the rest timed.
-@pytest.mark.parametrize("update_every,sync_every,timed", [(1, 1, 13), (4, 1, 8), (1, 4, 8)])
+# 16 steps: 0 warms up, 1 is measured, then whole periods of 4: steps 2..5 profiled, 6..13 timed.
+@pytest.mark.parametrize("update_every,sync_every,timed", [(4, 1, 8), (1, 4, 8)])
 def test_speedup_moves_with_the_cost_of_the_local_rule(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, update_every: int, sync_every: int,
-        timed: int) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        update_every: int, sync_every: int, timed: int) -> None:
     """A full run (1 process) on a fake clock: every SGD step (run or reference, through the engine)
     costs 1, each local layer's delta costs ``D``, each sync's apply ``E``. The reported speedup must
     be exactly 1 / (1 + L*D/update_every + E/sync_every): a window that missed a period's delta or
@@ -328,7 +329,12 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     expected = 1.0 / (1.0 + n_local * cost_d / update_every + cost_e / sync_every)
     assert rows[1]["speedup"] == pytest.approx(expected, rel=1e-12)
     assert rows[0]["speedup"] == 1.0 and rows[0]["step_time_s"] == 1.0
-    assert summary["speedup"] == rows[1]["speedup"]
+    # The run leads with its headline: summary.json and the last stdout line.
+    doc = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(doc)[:len(HEADLINE_KEYS)] == list(HEADLINE_KEYS)
+    assert doc["speedup"] == summary["speedup"] == rows[1]["speedup"]
+    assert doc["footprint_bytes"] == rows[1]["footprint_bytes"] < doc["footprint_ref_bytes"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == doc["headline"] == headline(doc)
 
 
 def test_disabled_profiler_is_inert() -> None:
@@ -403,7 +409,8 @@ def _fake_run(d: Path, mode: str, times: list[float], bounds: list[int]) -> Path
     for e, (t, b) in enumerate(zip(times, bounds)):
         rows.append({"epoch": e, "test_acc": 50.0 + 10 * e, "epoch_time_s": t, "boundary": b,
                      "activation_bytes": 1000 - 100 * b, "speedup": times[0] / t,
-                     "memory_reduction": 1000 / (1000 - 100 * b)})
+                     "activation_reduction": 1000 / (1000 - 100 * b), "footprint_bytes": 5000 - 1000 * b,
+                     "footprint_ref_bytes": 5000, "footprint_reduction": 5000 / (5000 - 1000 * b)})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps({
         "final_test_acc": rows[-1]["test_acc"], "best_test_acc": rows[-1]["test_acc"],
@@ -425,7 +432,8 @@ def test_compare_tiny_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "run_local" in text and "run_sgd" in text and "mean speedup" in text
     local = rows[0]
     assert local["final_boundary"] == 2 and local["rule"] == "softhebb" and rows[1]["rule"] == "-"
-    assert local["act_mem_reduction"] == pytest.approx(1000 / 800)
+    assert local["act_reduction"] == pytest.approx(1000 / 800)
+    assert local["footprint_reduction"] == pytest.approx(5000 / 3000)
     assert local["e2e_vs_sgd"] == pytest.approx(13.0 / 10.0)
 
 

@@ -195,7 +195,7 @@ class ProfilerConfig:
     periods), kept out of ``step_time_s``."""
     reference_steps: int = 4
     """All-SGD reference steps per epoch with local stages, spread between the run's timed steps
-    (docs/profiling.md); 0: no reference (no ``speedup``)."""
+    (docs/profiling.md); 0: none timed (no ``speedup``; the reference footprint is still measured)."""
     memory_snapshot: bool = False
     """CUDA only: dump a memory snapshot of the epoch's footprint step."""
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m, r = statistics.median(v["measured"]), statistics.median(v["reported"])
         rows.append({"lever": lever, "measured": m, "reported": r, "reported_over_measured": r / m,
                      "measured_rounds": v["measured"], "reported_rounds": v["reported"]})
-    doc = {"command": "OMP_NUM_THREADS=1 python profiling/speedup_check.py " + " ".join(argv or []),
+    used = sys.argv[1:] if argv is None else argv
+    doc = {"command": "OMP_NUM_THREADS=1 python profiling/speedup_check.py " + " ".join(used),
            "config": common, "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "load_avg_1min": load, "wall_s": time.time() - t0,
            "sgd_loop_s": sgd_loops, "rows": rows}

@@ -227,11 +227,13 @@ class ProfilerConfig:
 
     enabled: bool = True
     sample_steps: int = 3
-    """Steps per epoch timed phase by phase (synchronised on GPU)."""
-    calibration_steps: int = 3
-    """All-SGD steps measured at start when the run begins with local stages."""
+    """Dedicated steps per epoch timed phase by phase (synchronised; rounded up to whole lever
+    periods), kept out of ``step_time_s``."""
+    reference_steps: int = 4
+    """All-SGD reference steps per epoch with local stages, spread between the run's timed steps
+    (docs/profiling.md); 0: none timed (no ``speedup``; the reference footprint is still measured)."""
     memory_snapshot: bool = False
-    """CUDA only: dump a memory snapshot of the sampled step."""
+    """CUDA only: dump a memory snapshot of the epoch's footprint step."""
 
 
 @dataclass

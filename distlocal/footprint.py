@@ -87,6 +87,37 @@ class Footprint:
         return out
 
 
+@contextlib.contextmanager
+def track_footprint(
+    device: torch.device | str,
+    modules: tuple[nn.Module, ...] = (),
+    optimizers: tuple[torch.optim.Optimizer, ...] = (),
+    local: tuple[torch.Tensor, ...] = (),
+) -> Iterator[Footprint]:
+    """``with track_footprint(...) as fp:`` one training step; ``fp`` is filled in on exit.
+
+    The context-manager form of :func:`measure_footprint`, for a step written inline (the trainer's
+    loop) rather than as a function. Same arguments and meaning.
+    """
+    dev = torch.device(device)
+    result = Footprint(0, {name: 0 for name in CATEGORIES.values()})
+    tracker = _Tracker()
+    tracker.track_external(*modules, *optimizers)
+    for t in local:
+        tracker._update_and_maybe_create_winfos(t, _MemRefType.OTH)
+    _SCOPE["tracking"] += 1
+    try:
+        with tracker:
+            yield result
+    finally:
+        _SCOPE["tracking"] -= 1
+    snaps = tracker.get_tracker_snapshot("peak")
+    # MemTracker keys CUDA devices with an index; match on type (one device per process here).
+    snap = next((s for d, s in snaps.items() if d.type == dev.type), {})
+    result.by_category = {name: int(snap.get(ref, 0)) for ref, name in CATEGORIES.items()}
+    result.total = int(snap.get(_TOTAL, 0))
+
+
 def measure_footprint(
     fn: Callable[[], Any],
     device: torch.device | str,
@@ -102,19 +133,6 @@ def measure_footprint(
     tracked as it is created. The batch itself, created before, is not counted. A fresh tracker per
     call: MemTracker supports one iteration per tracker.
     """
-    dev = torch.device(device)
-    tracker = _Tracker()
-    tracker.track_external(*modules, *optimizers)
-    for t in local:
-        tracker._update_and_maybe_create_winfos(t, _MemRefType.OTH)
-    _SCOPE["tracking"] += 1
-    try:
-        with tracker:
-            fn()
-    finally:
-        _SCOPE["tracking"] -= 1
-    snaps = tracker.get_tracker_snapshot("peak")
-    # MemTracker keys CUDA devices with an index; match on type (one device per process here).
-    snap = next((s for d, s in snaps.items() if d.type == dev.type), {})
-    by_cat = {name: int(snap.get(ref, 0)) for ref, name in CATEGORIES.items()}
-    return Footprint(total=int(snap.get(_TOTAL, 0)), by_category=by_cat)
+    with track_footprint(device, modules, optimizers, local) as fp:
+        fn()
+    return fp

@@ -98,7 +98,8 @@ _PREFIX = {
     "skipped_updates": "local/", "drift_max": "local/", "drift_mean": "local/",
     "grad_allreduce_bytes": "comm/", "delta_sync_bytes": "comm/",
     # profiler (distlocal/profiler.py): the keys its prefix rules below do not already route
-    "rss_bytes": "mem/", "device_memory_reduction": "mem/", "profiled_steps": "time/",
+    "rss_bytes": "mem/", "profiled_steps": "time/", "timed_steps": "time/", "reference_steps": "time/",
+    "profiler_overhead_s": "time/",
 }
 
 
@@ -115,7 +116,8 @@ def _wandb_keys(row: dict[str, Any]) -> dict[str, Any]:
             continue
         if k.startswith(("time_", "phase_")):
             out["time/" + k] = v
-        elif k.startswith(("mem", "activation", "peak_", "cuda_", "nvml_", "param_", "grad_bytes", "optim")):
+        elif k.startswith(("mem", "activation", "footprint", "peak_", "cuda_", "nvml_", "param_",
+                           "grad_bytes", "optim")):
             out["mem/" + k] = v
         elif k.startswith("drift/"):
             out["local/" + k] = v

@@ -42,7 +42,7 @@ from distlocal.local.schedule import DynamicSelector, build_schedule, relative_u
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
 from distlocal.models import StagedModel, build_model
-from distlocal.profiler import Profiler
+from distlocal.profiler import Profiler, headline
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -207,7 +207,11 @@ def train(
     steps_per_epoch = len(train_loader) if tc.max_steps_per_epoch is None else min(
         len(train_loader), tc.max_steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(tc, steps_per_epoch))
-    prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # DESIGN §4
+    prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # docs/profiling.md
+    # The all-SGD reference: a boundary-0 copy behind the run's own engine, optimizer, precision
+    # and loader, a few steps per epoch between the run's (built at the first local epoch).
+    prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc), lambda: iter(train_loader),
+                          autocast=lambda: _autocast(env, tc.precision))
 
     # ---- resume: the LoCal state first (boundary, hooks, engine), then the values --------
     start_epoch, start_step, global_step = 0, 0, 0
@@ -278,6 +282,7 @@ def train(
         print(f"distlocal: run dir {run_dir.resolve()} | model {cfg.model} ({model.num_stages} stages) | "
               f"mode {cfg.mode} | data {cfg.data.name} | world {env.world_size} | device {env.device}")
 
+    row: dict[str, Any] | None = None  # the last epoch's row: the summary's headline
     for epoch in range(start_epoch, tc.epochs):
         # ---- move the boundary (epoch start, never back) ------------------------------------
         n_rebuilds = len(engine.rebuild_ms)
@@ -287,11 +292,6 @@ def train(
                 newly = learner.set_boundary(target)
                 engine.set_boundary(target, newly)
             ws.reset_reference()
-        if learner.has_local and not prof.has_reference:
-            # No boundary-0 epoch to compare with (freeze without warm-up, resume): measure
-            # all-SGD steps on a throw-away copy of the model.
-            prof.calibrate((tc.batch_size // env.world_size, *bundle.in_shape), bundle.num_classes,
-                           autocast=lambda: _autocast(env, tc.precision))
         # The transition stage's weights at epoch start, for the selector's u (saved mid-epoch).
         transition = stage_weights(model.stages[learner.boundary])
         if resume is not None and epoch == start_epoch and resume[1]["mid_epoch"]:
@@ -304,7 +304,10 @@ def train(
         first = start_step if epoch == start_epoch else 0
         if first == 0:
             epoch_sums = [0.0, 0.0]
-        prof.epoch_start(engine.optimizer)
+        # Timed windows hold whole lever periods: one delta per update_every, one sync per sync_every.
+        period = math.lcm(cfg.local.update_every, cfg.local.sync_every) if learner.has_local else 1
+        prof.epoch_start(engine.optimizer, steps=steps_per_epoch, boundary=learner.boundary, first=first,
+                         period=period, sync_every=cfg.local.sync_every if learner.has_local else 1)
         t0 = time.perf_counter()
         bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
                    disable=not (env.is_main and tc.progress))
@@ -327,33 +330,36 @@ def train(
             learner.lr = cfg.local.lr * ws.multiplier
             sync_now = learner.has_local and (sync.is_sync_step(step) or step == steps_per_epoch - 1)
 
-            with prof.activations():                          # epoch's first step: bytes saved for backward
-                with prof.phase("prefix"), _autocast(env, tc.precision):
-                    h = learner.prefix_forward(x, step)      # local stages: no graph, deltas in hooks
-                if sync_now and cfg.local.sync_async:
+            # One step per epoch (the second) is measured, peak footprint by category and bytes
+            # saved for backward, and left out of the timing.
+            with prof.footprint((model,), (engine.optimizer,), (learner.buffer,)):
+                with prof.activations():                  # the same step: bytes saved for backward
+                    with prof.phase("prefix"), _autocast(env, tc.precision):
+                        h = learner.prefix_forward(x, step)  # local stages: no graph, deltas in hooks
+                    if sync_now and cfg.local.sync_async:
+                        with prof.phase("sync"):
+                            sync.start()                      # overlaps the suffix below
+                    with prof.phase("suffix_fwd"), _autocast(env, tc.precision):
+                        out = engine.forward(h)
+                        loss = F.cross_entropy(out.float(), y)
+                with prof.phase("backward"):                  # optimizer.step is timed apart (hooks)
+                    engine.backward_step(loss)                # suffix grads + their all-reduce
+                scheduler.step()
+                loss_val = float(loss.detach())
+                if not cfg.local.sync_async:
+                    learner.add_loss(loss_val)
+                if sync_now:
+                    skipped_before = learner.skipped_updates
                     with prof.phase("sync"):
-                        sync.start()                          # overlaps the suffix below
-                with prof.phase("suffix_fwd"), _autocast(env, tc.precision):
-                    out = engine.forward(h)
-                    loss = F.cross_entropy(out.float(), y)
-            with prof.phase("backward"):                      # optimizer.step is timed apart (hooks)
-                engine.backward_step(loss)                    # suffix grads + their all-reduce
-            scheduler.step()
-            loss_val = float(loss.detach())
-            if not cfg.local.sync_async:
-                learner.add_loss(loss_val)
-            if sync_now:
-                skipped_before = learner.skipped_updates
-                with prof.phase("sync"):
-                    if not cfg.local.sync_async:
-                        sync.start()
-                    mean_loss = sync.finish()                 # identical on every rank
-                if learner.skipped_updates > skipped_before:
-                    ws.backoff()
-                if mean_loss is not None:
-                    ws.update(mean_loss)
-            if cfg.local.sync_async:
-                learner.add_loss(loss_val)                    # the buffer is free again
+                        if not cfg.local.sync_async:
+                            sync.start()
+                        mean_loss = sync.finish()             # identical on every rank
+                    if learner.skipped_updates > skipped_before:
+                        ws.backoff()
+                    if mean_loss is not None:
+                        ws.update(mean_loss)
+                if cfg.local.sync_async:
+                    learner.add_loss(loss_val)                # the buffer is free again
             if math.isfinite(loss_val):
                 epoch_sums[0] += loss_val * y.numel()
             epoch_sums[1] += y.numel()
@@ -404,7 +410,7 @@ def train(
             row["u"] = u
             if isinstance(schedule, DynamicSelector):
                 row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
-        row.update(prof.epoch_end(learner.boundary, engine.optimizer))  # step_time_s: median sampled step
+        row.update(prof.epoch_end(learner.boundary, engine.optimizer))  # step_time_s: mean timed step
         drift = learner.drift()
         if drift:
             row["drift_max"] = max(drift.values())
@@ -420,11 +426,17 @@ def train(
 
     learner.remove_hooks()
     prof.close()
-    summary = {
+    end_to_end = time.perf_counter() - t_start
+    # The headline first (end-to-end, speedup, footprint, activations, bytes per step), then the rest.
+    summary = prof.summary(end_to_end_s=end_to_end, last_row=row) or {"end_to_end_s": end_to_end}
+    summary.update({
         "final_test_acc": acc, "best_test_acc": best_acc, "final_boundary": learner.boundary,
-        "boundary_per_epoch": boundaries, "end_to_end_s": time.perf_counter() - t_start,
+        "boundary_per_epoch": boundaries,
         "world_size": env.world_size, "mode": cfg.mode, "rule": rule.name,
-    }
-    summary.update(prof.summary(end_to_end_s=summary["end_to_end_s"]))
+    })
+    if summary.get("speedup") is not None or "footprint_bytes" in summary:
+        summary["headline"] = headline(summary)
     logger.finish(summary)
+    if env.is_main and "headline" in summary:
+        print(summary["headline"], flush=True)  # the run's last line
     return summary

@@ -271,8 +271,8 @@ RULES: tuple[Rule, ...] = (
     texts("wandb.tags"),
     # profiler
     boolean("profiler.enabled"),
-    integer("profiler.sample_steps", 1, why="profiler.enabled=false turns profiling off"),
-    integer("profiler.calibration_steps", 1, why="profiler.enabled=false turns profiling off"),
+    integer("profiler.sample_steps", 0, why="0: no phase breakdown"),
+    integer("profiler.reference_steps", 0, why="0: no all-SGD step time, hence no speedup"),
     boolean("profiler.memory_snapshot"),
     # checkpoints
     boolean("checkpoint.enabled"),

@@ -6,10 +6,12 @@ Each run is a run directory written by the trainer (``metrics.jsonl``, ``summary
 ``config.yaml``) or, online, a wandb run path ``entity/project/run_id`` (needs ``WANDB_API_KEY``;
 offline such paths are skipped with a message). The table has one row per run: mode, rule, final
 and best accuracy, end-to-end time, the mean per-epoch speedup against the run's own all-SGD
-reference, the activation-memory reduction at the last epoch, the final boundary and — when a
-``mode=sgd`` run is among the inputs — the end-to-end speedup against it. Plots, in ``--out``:
-``boundary_vs_epoch.png``, ``activation_memory_vs_epoch.png``, ``epoch_time_vs_epoch.png``,
-``accuracy_vs_wall_time.png`` (wall time = cumulative epoch time, evaluation excluded).
+reference, the peak-footprint and activation reductions at the last epoch (``footprint_reduction``,
+``activation_reduction``), the final boundary and — when a ``mode=sgd`` run is among the inputs —
+the end-to-end speedup against it. Plots, in ``--out``: ``boundary_vs_epoch.png``,
+``footprint_vs_epoch.png`` (peak footprint of a step; dashed: the run's all-SGD reference),
+``activation_memory_vs_epoch.png``, ``epoch_time_vs_epoch.png``, ``accuracy_vs_wall_time.png`` (wall
+time = cumulative epoch time, evaluation excluded).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-PLOTS = ("boundary_vs_epoch.png", "activation_memory_vs_epoch.png", "epoch_time_vs_epoch.png",
-         "accuracy_vs_wall_time.png")
+PLOTS = ("boundary_vs_epoch.png", "footprint_vs_epoch.png", "activation_memory_vs_epoch.png",
+         "epoch_time_vs_epoch.png", "accuracy_vs_wall_time.png")
 _WANDB_PATH = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
 # MetricsLogger's wandb prefixes (distlocal/metrics.py), stripped to get the flat keys back.
 _WANDB_PREFIXES = ("train/", "test/", "time/", "mem/", "local/", "comm/")
@@ -135,7 +137,8 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
                                       max((v for _, v in r.series("test_acc")), default=None)),
             "end_to_end_s": e2e,
             "mean_speedup": r.summary.get("mean_speedup") or mean_speedup,
-            "act_mem_reduction": _last(r, "memory_reduction") or r.summary.get("final_memory_reduction"),
+            "footprint_reduction": _last(r, "footprint_reduction"),
+            "act_reduction": _last(r, "activation_reduction") or r.summary.get("final_activation_reduction"),
             "final_boundary": r.summary.get("final_boundary", _last(r, "boundary")),
             "e2e_vs_sgd": sgd.summary["end_to_end_s"] / e2e if sgd is not None and e2e else None,
         })
@@ -147,7 +150,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     cols = [("run", "run", "{}"), ("mode", "mode", "{}"), ("rule", "rule", "{}"),
             ("final_acc", "final acc %", "{:.2f}"), ("best_acc", "best acc %", "{:.2f}"),
             ("end_to_end_s", "end-to-end s", "{:.1f}"), ("mean_speedup", "mean speedup", "{:.3f}"),
-            ("act_mem_reduction", "act mem reduction", "{:.2f}x"), ("final_boundary", "final boundary", "{}"),
+            ("footprint_reduction", "footprint reduction", "{:.2f}x"),
+            ("act_reduction", "activation reduction", "{:.2f}x"), ("final_boundary", "final boundary", "{}"),
             ("e2e_vs_sgd", "e2e vs sgd run", "{:.3f}")]
     cells = [[h for _, h, _ in cols]]
     for r in rows:
@@ -157,8 +161,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _plot(runs: list[Run], path: Path, title: str, xlabel: str, ylabel: str,
-          xy: Any, step: bool = False) -> None:
-    """One line per run from ``xy(run) -> (xs, ys)``; a 'no data' note when no run has any."""
+          xy: Any, step: bool = False, ref: Any = None) -> None:
+    """One line per run from ``xy(run) -> (xs, ys)`` (and, with ``ref``, a dashed line of the same
+    colour from ``ref(run)``); a 'no data' note when no run has any."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     drawn = 0
     for r in runs:
@@ -167,9 +172,13 @@ def _plot(runs: list[Run], path: Path, title: str, xlabel: str, ylabel: str,
             continue
         drawn += 1
         if step:
-            ax.step(xs, ys, where="post", marker="o", label=r.name)
+            line = ax.step(xs, ys, where="post", marker="o", label=r.name)[0]
         else:
-            ax.plot(xs, ys, marker="o", label=r.name)
+            line = ax.plot(xs, ys, marker="o", label=r.name)[0]
+        if ref is not None:
+            rx, ry = ref(r)
+            if rx:
+                ax.plot(rx, ry, linestyle="--", color=line.get_color(), label=f"{r.name} (all-SGD ref)")
     if drawn:
         ax.legend(fontsize="small")
     else:
@@ -186,7 +195,7 @@ def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
 
 
 def write_plots(runs: list[Run], out: Path) -> list[Path]:
-    """The four PNGs; returns their paths."""
+    """The PNGs of :data:`PLOTS`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / p for p in PLOTS]
 
@@ -201,11 +210,14 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
 
     _plot(runs, paths[0], "Boundary (stages [0, k) local)", "epoch", "boundary k",
           lambda r: _unzip(r.series("boundary")), step=True)
-    _plot(runs, paths[1], "Activation memory saved for backward", "epoch", "MiB",
+    _plot(runs, paths[1], "Peak memory footprint of a training step", "epoch", "MiB",
+          lambda r: _unzip([(e, v / 2**20) for e, v in r.series("footprint_bytes")]),
+          ref=lambda r: _unzip([(e, v / 2**20) for e, v in r.series("footprint_ref_bytes")]))
+    _plot(runs, paths[2], "Activation memory saved for backward", "epoch", "MiB",
           lambda r: _unzip([(e, v / 2**20) for e, v in r.series("activation_bytes")]))
-    _plot(runs, paths[2], "Epoch time (training loop)", "epoch", "s",
+    _plot(runs, paths[3], "Epoch time (training loop)", "epoch", "s",
           lambda r: _unzip(r.series("epoch_time_s")))
-    _plot(runs, paths[3], "Test accuracy vs wall time", "cumulative epoch time (s)", "test accuracy %",
+    _plot(runs, paths[4], "Test accuracy vs wall time", "cumulative epoch time (s)", "test accuracy %",
           acc_vs_time)
     return paths
 

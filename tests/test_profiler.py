@@ -1,10 +1,13 @@
-"""The profiler: exact activation bytes, device-memory fields without a GPU, side-effect-free
-calibration, and the bench/compare scripts on tiny inputs."""
+"""The profiler: exact activation bytes, the footprint by category against a hand count, the epoch
+plan's whole lever periods, step times and speedup on a fake clock (also through a full run), a
+reference that leaves the run alone, and the bench/compare scripts on tiny inputs."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -13,14 +16,18 @@ import torch
 from torch import nn
 
 from distlocal.config import ProfilerConfig
+from distlocal.dist.engine import drop_from_optimizer
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import StagedModel, build_model
 from distlocal.profiler import (
+    HEADLINE_KEYS,
     ActivationCounter,
     Profiler,
     device_memory,
+    headline,
     nvml_used_bytes,
+    plan_epoch,
     saved_activation_bytes,
     train_step,
 )
@@ -129,112 +136,224 @@ def test_device_memory_fields_without_gpu() -> None:
     assert mem["peak_rss_bytes"] > 0 and mem["rss_bytes"] > 0
 
 
+def test_plan_epoch_times_whole_lever_periods() -> None:
+    """Profiled and timed steps span whole lcm(update_every, sync_every) periods; the warm-up and
+    footprint steps and an off-grid epoch-end flush are left out; reference steps sit among the
+    timed steps."""
+    for first, steps, u, s, sample, refs in [(0, 23, 1, 1, 3, 4), (0, 23, 4, 1, 3, 4), (0, 23, 1, 4, 3, 4),
+                                             (5, 40, 4, 2, 3, 9), (0, 14, 4, 1, 1, 2), (0, 4, 1, 1, 3, 2)]:
+        period = math.lcm(u, s)
+        plan = plan_epoch(first, steps, period, s, sample, refs)
+        assert plan.footprint_step == first + 1
+        assert plan.profiled.start == first + 2 and plan.timed.start == plan.profiled.stop
+        for r in (plan.profiled, plan.timed):
+            assert len(r) % period == 0
+            assert sum(1 for k in r if k % u == 0) == len(r) // u  # one delta per update_every
+            syncs = sum(1 for k in r if (k + 1) % s == 0 or k == steps - 1)
+            assert syncs == len(r) // s  # one all-reduce per sync_every, no extra flush
+        assert len(plan.timed) >= period  # there was room: some steps are timed
+        assert sum(plan.reference.values()) == refs and all(k in plan.timed for k in plan.reference)
+    # Too short for one whole period after the dedicated steps: nothing is timed (no biased figure).
+    assert len(plan_epoch(0, 5, 4, 1, 3, 4).timed) == 0
+
+
+class _TinyEngine:
+    """A single-process engine (what DDPEngine is without a process group): forward, backward, step."""
+
+    def __init__(self, model: StagedModel, clock: list[float] | None = None, cost: float = 0.0) -> None:
+        self.model, self.clock, self.cost = model, clock, cost
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model(h)
+
+    def backward_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.clock is not None:
+            self.clock[0] += self.cost
+
+
 def _epoch(prof: Profiler, model: StagedModel, learner: LocalLearner, opt: torch.optim.Optimizer,
-           steps: int = 4, shape: tuple[int, ...] = (4, 3, 16, 16)) -> dict:
-    """One profiled 'epoch' the way the trainer drives it (see the integration in trainer.py)."""
-    prof.epoch_start(opt)
+           steps: int = 4, shape: tuple[int, ...] = (4, 3, 16, 16), classes: int = 10,
+           clock: list[float] | None = None, cost: float = 0.0) -> dict:
+    """One profiled 'epoch' the way the trainer drives it (see the integration in trainer.py);
+    with ``clock``, each step advances the fake clock by ``cost``."""
+    prof.epoch_start(opt, steps=steps, boundary=learner.boundary)
     dev = next(model.parameters()).device
-    x, y = torch.randn(shape, device=dev), torch.randint(10, (shape[0],), device=dev)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: tests check the profiler leaves it alone
+    x, y = torch.randn(shape, generator=g).to(dev), torch.randint(classes, (shape[0],), generator=g).to(dev)
     for step in range(steps):
         prof.step_begin(step)
         with prof.phase("data"):
             xs, ys = x.clone(), y.clone()
-        with prof.activations():
-            with prof.phase("prefix"):
-                h = learner.prefix_forward(xs, step)
-            with prof.phase("suffix_fwd"):
-                out = model.forward_range(h, learner.boundary, model.num_stages)
-                loss = nn.functional.cross_entropy(out, ys)
-        with prof.phase("backward"):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with prof.phase("sync"):
-            learner.pack_stats()
-            learner.apply()
+        with prof.footprint((model,), (opt,), (learner.buffer,)):
+            with prof.activations():
+                with prof.phase("prefix"):
+                    h = learner.prefix_forward(xs, step)
+                with prof.phase("suffix_fwd"):
+                    out = model.forward_range(h, learner.boundary, model.num_stages)
+                    loss = nn.functional.cross_entropy(out, ys)
+            with prof.phase("backward"):
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with prof.phase("sync"):
+                learner.pack_stats()
+                learner.apply()
+        if clock is not None:
+            clock[0] += cost
         prof.step_end()
     return prof.epoch_end(learner.boundary, opt)
 
 
-def test_profiler_epochs_reference_and_summary() -> None:
+P_ALL = ((D * H + H) + (H * H + H) + (H * C + C)) * F32
+P_LAST = (H * C + C) * F32
+
+
+def test_footprint_hand_count_through_the_profiler() -> None:
+    """The profiler's footprint step of _mlp(), by category, against a hand count."""
+    model = _mlp()
+    learner = LocalLearner(model, make_rule("freeze"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    prof = Profiler(ProfilerConfig(), model, "cpu", verbose=False)
+    r0 = _epoch(prof, model, learner, opt, steps=3, shape=(B, D), classes=C)
+    # All-SGD: every parameter, its gradient and its momentum are alive at the peak.
+    assert r0["footprint_param_bytes"] == r0["footprint_grad_bytes"] == r0["footprint_optim_bytes"] == P_ALL
+    assert r0["activation_bytes"] == sum(EXPECTED[0]) + LOSS  # saved for backward, exactly
+    assert r0["footprint_ref_bytes"] == r0["footprint_bytes"]  # boundary 0: the run is the reference
+    # Boundary 2 (freeze): only the classifier has a gradient and momentum; the learner's buffer is
+    # the two loss slots. The peak is now in the prefix forward (no_grad): the stage-0 output, the
+    # second Linear's output and its Tanh output are alive, 3 x B x H floats.
+    drop_from_optimizer(opt, learner.set_boundary(2))
+    clock = [0.0]
+    prof2 = Profiler(ProfilerConfig(), model, "cpu", verbose=False, clock=lambda: clock[0])
+    batch = (torch.randn(B, D), torch.randint(C, (B,)))
+    prof2.attach_reference(lambda m: _TinyEngine(m), lambda: iter([batch]))
+    r2 = _epoch(prof2, model, learner, opt, steps=3, shape=(B, D), classes=C)
+    assert r2["footprint_param_bytes"] == P_ALL
+    assert r2["footprint_grad_bytes"] == r2["footprint_optim_bytes"] == P_LAST
+    assert r2["footprint_local_bytes"] == 2 * F32
+    assert r2["footprint_activation_bytes"] == 3 * B * H * F32
+    assert r2["footprint_bytes"] == P_ALL + 2 * P_LAST + 2 * F32 + 3 * B * H * F32
+    assert r2["activation_bytes"] == sum(EXPECTED[2]) + LOSS
+    # The reference (a boundary-0 copy behind its own engine): every parameter trains again.
+    assert r2["footprint_ref_param_bytes"] == r2["footprint_ref_grad_bytes"] == P_ALL
+    assert r2["footprint_ref_optim_bytes"] == P_ALL
+    assert r2["activation_bytes_ref"] == r0["activation_bytes"]
+    assert r2["footprint_reduction"] == r2["footprint_ref_bytes"] / r2["footprint_bytes"]
+    assert r2["activation_reduction"] == r2["activation_bytes_ref"] / r2["activation_bytes"]
+
+
+def test_speedup_from_a_fake_clock_and_the_reference_leaves_the_run_alone() -> None:
+    """Step times from a fake clock: the run's steps cost 2, the reference's 3 (its engine advances
+    the clock); step_time_s, the reference, speedup and the summary follow exactly. The reference
+    copy never touches the run's weights, BN statistics, requires_grad or RNG."""
     torch.manual_seed(0)
     model = build_model("convnet", (3, 16, 16), 10)
-    learner = LocalLearner(model, make_rule("softhebb"))
-    learner.lr = 1e-3
+    learner = LocalLearner(model, make_rule("freeze"))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    prof = Profiler(ProfilerConfig(sample_steps=2), model, "cpu", verbose=False)
-    assert [prof.should_sample(s) for s in range(4)] == [False, True, True, False]
-    r0 = _epoch(prof, model, learner, opt)
-    assert r0["profiled_steps"] == 2
-    assert r0["activation_bytes_ref"] == r0["activation_bytes"] > 0
-    assert r0["memory_reduction"] == 1.0
-    assert r0["speedup"] == pytest.approx(1.0)
-    for name in ("data", "prefix", "suffix_fwd", "backward", "optimizer", "sync"):
-        assert r0[f"phase_{name}_s"] >= 0.0
-    assert r0["param_bytes"] == sum(p.numel() * 4 for p in model.parameters())
-    assert r0["grad_bytes"] == r0["param_bytes"] and r0["optim_state_bytes"] == r0["param_bytes"]
-    with prof.phase("rebuild"):  # epoch-level phase, before epoch_start: belongs to the next epoch
-        newly = learner.set_boundary(3)
-    from distlocal.dist.engine import drop_from_optimizer
-    drop_from_optimizer(opt, newly)
-    r1 = _epoch(prof, model, learner, opt)
-    assert r1["phase_rebuild_s"] > 0.0
-    assert r1["activation_bytes_stage"][:3] == [0, 0, 0]
-    assert r1["memory_reduction"] > 1.0
-    assert r1["speedup"] is not None and r1["step_time_ref_s"] == r0["step_time_ref_s"]
-    assert r1["optim_state_bytes"] < r0["optim_state_bytes"]
-    assert r1["device_memory_reduction"] is None and r1["cuda_max_allocated_bytes"] is None
-    s = prof.summary(end_to_end_s=10.0)
-    assert s["reference"] == "warmup" and s["total_steps"] == 8
-    assert s["projected_sgd_s"] == pytest.approx(r0["step_time_ref_s"] * 8)
-    assert s["steady_loop_s"] == pytest.approx(4 * r0["step_time_s"] + 4 * r1["step_time_s"])
-    assert s["projected_speedup"] == pytest.approx(s["projected_sgd_s"] / s["steady_loop_s"])
-    assert s["projected_sgd_end_to_end_s"] == pytest.approx(10.0 - s["steady_loop_s"] + s["projected_sgd_s"])
-    assert s["projected_speedup"] > 0 and s["final_memory_reduction"] == r1["memory_reduction"]
+    clock = [0.0]
+    prof = Profiler(ProfilerConfig(sample_steps=1, reference_steps=3), model, "cpu", verbose=False,
+                    clock=lambda: clock[0])
+    data = [(torch.randn(4, 3, 16, 16), torch.randint(10, (4,))) for _ in range(2)]
+    prof.attach_reference(lambda m: _TinyEngine(m, clock, 3.0), lambda: iter(data))
+    r0 = _epoch(prof, model, learner, opt, steps=8, clock=clock, cost=5.0)
+    assert r0["step_time_s"] == 5.0 and r0["speedup"] == 1.0 and r0["reference_steps"] == 0
+    assert r0["timed_steps"] == 5 and r0["profiled_steps"] == 1  # 8 - warm-up - footprint - 1 profiled
+    drop_from_optimizer(opt, learner.set_boundary(2))
+    # A twin of the run, stepped without any reference, to compare with after the epoch.
+    twin, twin_learner, twin_opt = copy.deepcopy((model, learner, opt))
+    grads = [p.requires_grad for p in model.parameters()]
+    rng = torch.get_rng_state()
+    r1 = _epoch(prof, model, learner, opt, steps=8, clock=clock, cost=2.0)
+    assert r1["step_time_s"] == 2.0 and r1["step_time_ref_s"] == 3.0 and r1["speedup"] == 1.5
+    assert r1["reference_steps"] == 3 and r1["profiler_overhead_s"] == 3 * 3.0 + 2 * 3.0  # + build's 2 steps
+    assert torch.equal(rng, torch.get_rng_state())
+    assert [p.requires_grad for p in model.parameters()] == grads
+    # Weights, BN statistics (and num_batches_tracked) exactly those of the twin that had no reference.
+    _epoch(Profiler(ProfilerConfig(), twin, "cpu", verbose=False), twin, twin_learner, twin_opt, steps=8)
+    twin_state = twin.state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, twin_state[k]), k
+    s = prof.summary(end_to_end_s=100.0, last_row=r1)
+    assert s["speedup"] == 1.5 and s["mean_speedup"] == pytest.approx(1.25)
+    assert s["total_steps"] == 16 and s["steady_loop_s"] == 8 * 5.0 + 8 * 2.0
+    assert s["projected_sgd_s"] == 8 * 5.0 + 8 * 3.0 and s["projected_speedup"] == 64.0 / 56.0
+    assert s["profiler_overhead_s"] == r0["profiler_overhead_s"] + r1["profiler_overhead_s"]
+    assert s["final_activation_reduction"] == r1["activation_reduction"]
+    line = headline(s)
+    assert line.startswith("end-to-end 100.0 s | speedup 1.50x vs all-SGD step | peak footprint ")
     prof.close()
 
 
-def test_calibrate_leaves_model_untouched() -> None:
-    torch.manual_seed(0)
-    model = build_model("convnet", (3, 16, 16), 10)
-    learner = LocalLearner(model, make_rule("freeze"))  # a freeze run without warm-up: local from step 0
-    learner.set_boundary(2)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    grads = [p.requires_grad for p in model.parameters()]
-    rng = torch.get_rng_state()
-    prof = Profiler(ProfilerConfig(calibration_steps=2), model, "cpu", verbose=False)
-    assert not prof.has_reference
-    out = prof.calibrate((4, 3, 16, 16), 10)
-    assert prof.has_reference
-    assert out["calib_step_time_s"] > 0 and out["calib_activation_bytes"] > 0
-    after = model.state_dict()
-    for k, v in before.items():  # weights and BN running stats (and num_batches_tracked)
-        assert torch.equal(v, after[k]), k
-    assert [p.requires_grad for p in model.parameters()] == grads
-    assert torch.equal(rng, torch.get_rng_state())
-    # The calibrated reference feeds a local epoch's ratios.
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    row = _epoch(prof, model, learner, opt, steps=2)
-    assert row["activation_bytes_ref"] == out["calib_activation_bytes"]
-    assert row["memory_reduction"] > 1.0 and row["speedup"] is not None
+# 16 steps: 0 warms up, 1 is measured, then whole periods of 4: steps 2..5 profiled, 6..13 timed.
+@pytest.mark.parametrize("update_every,sync_every,timed", [(4, 1, 8), (1, 4, 8)])
+def test_speedup_moves_with_the_cost_of_the_local_rule(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        update_every: int, sync_every: int, timed: int) -> None:
+    """A full run (1 process) on a fake clock: every SGD step (run or reference, through the engine)
+    costs 1, each local layer's delta costs ``D``, each sync's apply ``E``. The reported speedup must
+    be exactly 1 / (1 + L*D/update_every + E/sync_every): a window that missed a period's delta or
+    all-reduce would not give it."""
+    from distlocal import profiler as profiler_mod
+    from distlocal.config import compose
+    from distlocal.dist.ddp import DDPEngine
+    from distlocal.local.rules import LocalRule
+    from distlocal.trainer import train
+
+    clock = [0.0]
+    cost_d, cost_e = 0.125, 0.5
+    monkeypatch.setattr(profiler_mod, "_clock", lambda: clock[0])
+
+    def wrap(fn, cost):  # noqa: ANN001, ANN202
+        def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            clock[0] += cost
+            return fn(*a, **k)
+        return inner
+
+    monkeypatch.setattr(DDPEngine, "backward_step", wrap(DDPEngine.backward_step, 1.0))
+    monkeypatch.setattr(LocalRule, "delta", wrap(LocalRule.delta, cost_d))
+    monkeypatch.setattr(LocalLearner, "apply", wrap(LocalLearner.apply, cost_e))
+    cfg = compose(["model=convnet", "data=digits", "mode=local", "trainer.epochs=2", "trainer.batch_size=16",
+                   "trainer.max_steps_per_epoch=16", "schedule.warmup_epochs=1", "schedule.step=6",
+                   f"local.update_every={update_every}", f"local.sync_every={sync_every}",
+                   "profiler.sample_steps=1", "profiler.reference_steps=2", "wandb.mode=disabled",
+                   "trainer.progress=false", "checkpoint.enabled=false"])
+    summary = train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    n_local = 6  # convnet: six conv stages, all local at boundary 6
+    assert rows[1]["boundary"] == 6 and rows[1]["timed_steps"] == timed
+    assert rows[1]["step_time_ref_s"] == 1.0
+    expected = 1.0 / (1.0 + n_local * cost_d / update_every + cost_e / sync_every)
+    assert rows[1]["speedup"] == pytest.approx(expected, rel=1e-12)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["step_time_s"] == 1.0
+    # The run leads with its headline: summary.json and the last stdout line.
+    doc = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(doc)[:len(HEADLINE_KEYS)] == list(HEADLINE_KEYS)
+    assert doc["speedup"] == summary["speedup"] == rows[1]["speedup"]
+    assert doc["footprint_bytes"] == rows[1]["footprint_bytes"] < doc["footprint_ref_bytes"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == doc["headline"] == headline(doc)
 
 
 def test_disabled_profiler_is_inert() -> None:
     model = build_model("convnet", (3, 8, 8), 10)
     prof = Profiler(ProfilerConfig(enabled=False), model, "cpu")
-    prof.epoch_start()
+    prof.attach_reference(lambda m: _TinyEngine(m), lambda: iter([]))
+    prof.epoch_start(steps=4, boundary=1)
     prof.step_begin(1)
-    with prof.phase("prefix"), prof.activations():
+    with prof.phase("prefix"), prof.activations(), prof.footprint((model,)):
         model(torch.randn(2, 3, 8, 8)).sum()
     prof.step_end()
-    assert prof.epoch_end(0) == {} and prof.summary(1.0) == {} and prof.calibrate((2, 3, 8, 8), 10) == {}
+    assert prof.epoch_end(0) == {} and prof.summary(1.0) == {} and not prof.has_reference
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @cuda
-def test_cuda_memory_fields_snapshot_and_calibration(tmp_path: Path) -> None:
+def test_cuda_step_peaks_snapshot_and_events(tmp_path: Path) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     torch.manual_seed(0)
     model = build_model("convnet", (3, 32, 32), 10).to(dev)
@@ -242,28 +361,22 @@ def test_cuda_memory_fields_snapshot_and_calibration(tmp_path: Path) -> None:
     learner.lr = 1e-3
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     prof = Profiler(ProfilerConfig(sample_steps=2, memory_snapshot=True), model, dev, tmp_path, verbose=False)
-    r0 = _epoch(prof, model, learner, opt, shape=(64, 3, 32, 32))
-    assert r0["cuda_max_allocated_bytes"] > 0
-    assert r0["cuda_max_reserved_bytes"] >= r0["cuda_max_allocated_bytes"]
+    data = [(torch.randn(64, 3, 32, 32), torch.randint(10, (64,))) for _ in range(2)]
+    prof.attach_reference(lambda m: _TinyEngine(m), lambda: iter(data))
+    r0 = _epoch(prof, model, learner, opt, steps=8, shape=(64, 3, 32, 32))
+    assert r0["cuda_step_peak_bytes"] > r0["footprint_param_bytes"]
+    assert r0["cuda_max_reserved_bytes"] >= r0["cuda_max_allocated_bytes"] >= r0["cuda_step_peak_bytes"]
     assert isinstance(r0["nvml_used_bytes"], int) and r0["nvml_used_bytes"] > 0
-    assert r0["device_memory_reduction"] == 1.0
     assert (tmp_path / "memory_snapshot_epoch0.pickle").stat().st_size > 0
-    from distlocal.dist.engine import drop_from_optimizer
     drop_from_optimizer(opt, learner.set_boundary(3))
-    r1 = _epoch(prof, model, learner, opt, shape=(64, 3, 32, 32))
-    assert r1["activation_bytes_stage"][:3] == [0, 0, 0]
-    assert r1["memory_reduction"] > 1.0 and r1["device_memory_reduction"] > 1.0
-    print("cuda rows:", {k: r0[k] for k in ("activation_bytes", "cuda_max_allocated_bytes", "step_time_s")},
-          {k: r1[k] for k in ("activation_bytes", "cuda_max_allocated_bytes", "step_time_s", "speedup",
-                               "device_memory_reduction")})
-    # Calibration on CUDA: weights, BN statistics and the CUDA RNG untouched; a peak measured.
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.cuda.get_rng_state(dev)
-    fresh = Profiler(ProfilerConfig(calibration_steps=2), model, dev, verbose=False)
-    out = fresh.calibrate((64, 3, 32, 32), 10)
-    assert out["calib_peak_bytes"] > 0 and out["calib_activation_bytes"] == r0["activation_bytes"]
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    r1 = _epoch(prof, model, learner, opt, steps=8, shape=(64, 3, 32, 32))
     assert torch.equal(rng, torch.cuda.get_rng_state(dev))
+    assert r1["activation_bytes_stage"][:3] == [0, 0, 0]
+    assert r1["cuda_step_peak_ref_bytes"] > r1["cuda_step_peak_bytes"]
+    assert r1["footprint_reduction"] > 1.0 and r1["step_time_s"] > 0 and r1["step_time_ref_s"] > 0
+    print("cuda rows:", {k: r1[k] for k in ("footprint_bytes", "footprint_ref_bytes", "cuda_step_peak_bytes",
+                                            "cuda_step_peak_ref_bytes", "step_time_s", "speedup")})
 
 
 def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -296,7 +409,8 @@ def _fake_run(d: Path, mode: str, times: list[float], bounds: list[int]) -> Path
     for e, (t, b) in enumerate(zip(times, bounds)):
         rows.append({"epoch": e, "test_acc": 50.0 + 10 * e, "epoch_time_s": t, "boundary": b,
                      "activation_bytes": 1000 - 100 * b, "speedup": times[0] / t,
-                     "memory_reduction": 1000 / (1000 - 100 * b)})
+                     "activation_reduction": 1000 / (1000 - 100 * b), "footprint_bytes": 5000 - 1000 * b,
+                     "footprint_ref_bytes": 5000, "footprint_reduction": 5000 / (5000 - 1000 * b)})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps({
         "final_test_acc": rows[-1]["test_acc"], "best_test_acc": rows[-1]["test_acc"],
@@ -318,7 +432,8 @@ def test_compare_tiny_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "run_local" in text and "run_sgd" in text and "mean speedup" in text
     local = rows[0]
     assert local["final_boundary"] == 2 and local["rule"] == "softhebb" and rows[1]["rule"] == "-"
-    assert local["act_mem_reduction"] == pytest.approx(1000 / 800)
+    assert local["act_reduction"] == pytest.approx(1000 / 800)
+    assert local["footprint_reduction"] == pytest.approx(5000 / 3000)
     assert local["e2e_vs_sgd"] == pytest.approx(13.0 / 10.0)
 
 

@@ -19,9 +19,9 @@ BASE = ["data=digits", "model=convnet", "mode=local", "trainer.epochs=4", "train
         "wandb.mode=disabled", "trainer.progress=false", "resume=auto"]
 # Wall-clock and process-memory readings differ between any two runs; everything else must not.
 MEASURED = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms", "step_time_ref_s",
-            "speedup", "peak_rss_bytes", "rss_bytes", "device_memory_reduction",
+            "speedup", "peak_rss_bytes", "rss_bytes", "profiler_overhead_s",
             "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "nvml_used_bytes",
-            "profiled_steps"}  # a resumed epoch times fewer steps
+            "profiled_steps", "timed_steps", "reference_steps"}  # a resumed epoch times fewer steps
 
 
 def _rows(out):

@@ -68,13 +68,14 @@ failed=0
 for model in $MODELS; do
   variants=$VARIANTS
   if [[ "$model" != convnet ]]; then variants=$DEEP_VARIANTS; fi
-  for variant in $variants; do
-    if [[ "$variant" == local_bf16 && "$has_sync_dtype" != 1 ]]; then
-      echo "fashion.sh: skipping local_bf16: this config has no local.sync_dtype (the bf16 delta transport is not merged)"
-      continue
-    fi
-    ov=$(overrides "$variant")
-    for seed in $SEEDS; do
+  # Seeds outside, variants inside: a change of machine load spreads over every variant alike.
+  for seed in $SEEDS; do
+    for variant in $variants; do
+      if [[ "$variant" == local_bf16 && "$has_sync_dtype" != 1 ]]; then
+        [[ "$seed" == "${SEEDS%% *}" ]] && echo "fashion.sh: skipping local_bf16: this config has no local.sync_dtype"
+        continue
+      fi
+      ov=$(overrides "$variant")
       dir="$RUNS/$model/$variant/s$seed"
       sized=""
       if [[ -n "$EPOCHS" ]]; then sized+=" trainer.epochs=$EPOCHS"; fi

@@ -72,13 +72,17 @@ def model_table(variants: dict[str, list[Run]], order: list[str]) -> str:
     names = sorted(variants, key=lambda v: (order.index(v) if v in order else len(order), v))
     sgd = variants.get("sgd")
     sgd_e2e = statistics.fmean(r.summary["end_to_end_s"] for r in sgd) if sgd else None
-    head = ("| variant | seeds | final acc % | best acc % | end-to-end s | e2e vs sgd | speedup | "
+    sgd_loops = [r.summary["train_loop_s"] for r in sgd or [] if r.summary.get("train_loop_s")]
+    sgd_loop = statistics.fmean(sgd_loops) if sgd_loops else None
+    head = ("| variant | seeds | final acc % | best acc % | end-to-end s | e2e vs sgd | train loop s | "
+            "loop vs sgd | speedup | "
             "peak footprint MiB | footprint reduction | grad B/step | delta B/step | ws cuts | "
             "auto-frozen stages (end) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in names:
         runs = variants[name]
         e2e = [r.summary["end_to_end_s"] for r in runs if r.summary.get("end_to_end_s")]
+        loop = [r.summary["train_loop_s"] for r in runs if r.summary.get("train_loop_s")]
         speedup = [float(v) for r in runs if (v := _value(r, "speedup")) is not None]
         foot = [float(v) / 2**20 for r in runs if (v := _value(r, "footprint_bytes")) is not None]
         foot_red = [float(v) for r in runs if (v := _value(r, "footprint_reduction")) is not None]
@@ -87,11 +91,12 @@ def model_table(variants: dict[str, list[Run]], order: list[str]) -> str:
         cuts = [float(v) for r in runs if (v := _value(r, "ws_backoffs")) is not None and r.mode == "local"]
         frozen = [sum(v) for r in runs if isinstance(v := _value(r, "auto_frozen"), list)]
         ratio = f"{sgd_e2e / statistics.fmean(e2e):.3f}" if sgd_e2e and e2e else DASH
+        loop_ratio = f"{sgd_loop / statistics.fmean(loop):.3f}" if sgd_loop and loop else DASH
         lines.append("| " + " | ".join([
             name, str(len(runs)),
             _mean_std([r.summary["final_test_acc"] for r in runs], "{:.2f}"),
             _mean_std([r.summary["best_test_acc"] for r in runs], "{:.2f}"),
-            _mean_std(e2e, "{:.1f}"), ratio,
+            _mean_std(e2e, "{:.1f}"), ratio, _mean_std(loop, "{:.1f}"), loop_ratio,
             _mean_std(speedup, "{:.3f}"), _mean_std(foot, "{:.1f}"), _mean_std(foot_red, "{:.2f}"),
             _mean_std(grad, "{:,.0f}"), _mean_std(delta, "{:,.0f}"),
             _mean_std(cuts, "{:.1f}"), _mean_std([float(f) for f in frozen], "{:.1f}"),

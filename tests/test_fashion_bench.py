@@ -33,6 +33,7 @@ def _fake(root: Path, model: str, variant: str, seed: int, acc: float, e2e: floa
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "summary.json").write_text(json.dumps({
         "final_test_acc": acc, "best_test_acc": acc + 0.5, "end_to_end_s": e2e, "mode": mode,
+        "train_loop_s": e2e - 10,
         "rule": "softhebb", **extra}))
     (d / "config.yaml").write_text(f"model: {model}\nmode: {mode}\n")
 
@@ -52,10 +53,12 @@ def test_table_means_stds_dashes_and_section_replacement(tmp_path: Path) -> None
     cells = [c.strip() for c in sgd.split("|")[1:-1]]
     assert cells[1] == "2" and cells[2] == "81.00 ± 1.41" and cells[3] == "81.50 ± 1.41"
     assert cells[4] == "105.0 ± 7.1" and cells[5] == "1.000"
-    assert cells[7] == "–" and cells[8] == "–"  # no footprint recorded: a dash, not a number
+    assert cells[6] == "95.0 ± 7.1" and cells[7] == "1.000"  # the loops without the profiler's overhead
+    assert cells[9] == "–" and cells[10] == "–"  # no footprint recorded: a dash, not a number
     lcells = [c.strip() for c in local.split("|")[1:-1]]
-    assert lcells[5] == "2.000" and lcells[7] == "2.0 ± 0.0" and lcells[12] == "1.0 ± 0.0"
-    assert lcells[9] == "900 ± 0" and lcells[10] == "10 ± 0"  # bytes: mean per step over the epochs
+    assert lcells[5] == "2.000" and lcells[7] == f"{95 / 42.5:.3f}"
+    assert lcells[9] == "2.0 ± 0.0" and lcells[14] == "1.0 ± 0.0"
+    assert lcells[11] == "900 ± 0" and lcells[12] == "10 ± 0"  # bytes: mean per step over the epochs
     assert "| local | 0.0e+00 1.0e-03 1.0e-03 | [1, 0] |" in text
     for png in ("accuracy_vs_wall_time.png", "boundary_vs_epoch.png"):
         assert (tmp_path / "plots" / "convnet" / png).stat().st_size > 0

@@ -194,7 +194,8 @@ def _local_weights_after_steps(rule: str, steps: int = 2, **kw) -> list[torch.Te
 
 @pytest.mark.parametrize("rule", ["softhebb", "hebb"])
 @pytest.mark.parametrize("kw", [dict(chunk_size=3), dict(chunk_bytes=1), dict(direct=True),
-                                dict(direct=True, chunk_size=2)], ids=["chunk3", "bytes1", "direct", "direct_chunk"])
+                                dict(direct=True, chunk_size=2)],
+                         ids=["chunk3", "bytes1", "direct", "direct_chunk"])
 def test_chunking_and_direct_application_give_the_same_weights(rule: str, kw: dict) -> None:
     """Bounded temporaries and the buffer-less direct mode change the memory, not the update."""
     ref = _local_weights_after_steps(rule)

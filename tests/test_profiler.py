@@ -266,30 +266,6 @@ def test_cuda_memory_fields_snapshot_and_calibration(tmp_path: Path) -> None:
     assert torch.equal(rng, torch.cuda.get_rng_state(dev))
 
 
-def test_bench_tiny_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load_script("bench")
-    out = tmp_path / "bench.json"
-    threads = torch.get_num_threads()
-    try:  # one thread: steady on a loaded machine (two stall at OpenMP barriers when oversubscribed)
-        bench.main(["--model", "convnet", "--data-shape", "3,16,16", "--batch-size", "8", "--steps", "2",
-                    "--device", "cpu", "--json", str(out), "--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
-    doc = json.loads(out.read_text())
-    assert doc["model"] == "convnet" and doc["device"] == "cpu" and doc["batch_size"] == 8
-    assert [r["boundary"] for r in doc["rows"]] == list(range(7))  # convnet: 6 conv stages + classifier
-    for r in doc["rows"]:
-        assert set(r) == {"boundary", "sgd_s", "local_s", "frozen_s", "sgd_act_bytes", "local_act_bytes"}
-        assert isinstance(r["boundary"], int) and isinstance(r["sgd_act_bytes"], int)
-        assert isinstance(r["local_act_bytes"], int)
-        assert all(isinstance(r[k], float) and r[k] > 0 for k in ("sgd_s", "local_s", "frozen_s"))
-    acts = [r["local_act_bytes"] for r in doc["rows"]]
-    assert acts[0] == doc["rows"][0]["sgd_act_bytes"]
-    assert all(a > b for a, b in zip(acts, acts[1:]))  # every stage made local frees activations
-    table = capsys.readouterr().out
-    assert "sgd/local" in table and "local/frozen" in table
-
-
 def _fake_run(d: Path, mode: str, times: list[float], bounds: list[int]) -> Path:
     d.mkdir()
     rows = []

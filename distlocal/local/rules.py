@@ -83,7 +83,7 @@ def _flatten_linear(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _correlation_sum(module: nn.Module, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None, int]:
+def correlation_sum(module: nn.Module, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None, int]:
     """``(Σ z xᵀ, Σ z, n)`` over the batch and positions of ``x``/``z`` (already in compute dtype).
 
     The sums, not the means: chunks of one batch add up exactly (see :meth:`LocalRule.delta`).
@@ -137,7 +137,7 @@ def correlation(module: nn.Module, x: Tensor, z: Tensor) -> Delta:
     # Autocast would silently run the matmul below in fp16/bf16 again; the delta must be float32.
     with torch.autocast(device_type=x.device.type, enabled=False):
         # ``.to`` of a tensor already in ``dtype`` returns it as is: no copy for fp32 input.
-        corr, corr_b, n = _correlation_sum(module, x.to(dtype), z.to(dtype))
+        corr, corr_b, n = correlation_sum(module, x.to(dtype), z.to(dtype))
         return corr.div_(n), (corr_b.div_(n) if corr_b is not None else None)
 
 
@@ -245,11 +245,11 @@ class LocalRule:
                     # be the layer's output itself, never modified).
                     dim = 1 if isinstance(module, nn.Conv2d) else -1
                     y = _softmax_(zc.clone(memory_format=torch.contiguous_format), dim, self.temperature)
-                    cw, cb, m = _correlation_sum(module, xc, y)
+                    cw, cb, m = correlation_sum(module, xc, y)
                     s = _channel_sum(module, y.mul_(zc))  # y is spent: y·z in place
                     del y
                 else:
-                    cw, cb, m = _correlation_sum(module, xc, zc)
+                    cw, cb, m = correlation_sum(module, xc, zc)
                     s = _channel_sum_sq(module, zc) if self.name == "oja" else None
                 corr_w = cw if corr_w is None else corr_w.add_(cw)
                 if cb is not None:

@@ -33,7 +33,7 @@ from distlocal.data import build_datasets, build_loaders
 from distlocal.dist.ddp import build_engine
 from distlocal.dist.engine import Engine
 from distlocal.dist.env import DistEnv, all_reduce_sum, init_distributed
-from distlocal.dist.sync import DeltaSync, average_buffers
+from distlocal.dist.sync import SYNC_DTYPES, DeltaSync, average_buffers
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import RULES, make_rule
@@ -90,6 +90,11 @@ def validate(cfg: DictConfig) -> None:
             f"unknown trainer.lr_schedule '{cfg.trainer.lr_schedule}'; valid: cosine, step, constant")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"unknown wandb.mode '{cfg.wandb.mode}'; valid: offline, online, disabled")
+    if cfg.local.sync_dtype not in SYNC_DTYPES:
+        raise ConfigError(
+            f"unknown local.sync_dtype '{cfg.local.sync_dtype}'; valid: {', '.join(SYNC_DTYPES)}")
+    if cfg.local.chunk_size < 0 or cfg.local.chunk_bytes < 0:
+        raise ConfigError("local.chunk_size and local.chunk_bytes must be >= 0 (0: no bound)")
     if cfg.trainer.epochs < 1 or cfg.trainer.batch_size < 1:
         raise ConfigError("trainer.epochs and trainer.batch_size must be >= 1")
 

@@ -12,7 +12,8 @@ import torch
 from test_profiler import _load_script
 
 VARIANTS = ("sgd", "local", "frozen", "ideal")
-TINY = ["--model", "convnet", "--data-shape", "3,16,16", "--batch-size", "8", "--device", "cpu", "--threads", "1"]
+TINY = ["--model", "convnet", "--data-shape", "3,16,16", "--batch-size", "8", "--device", "cpu",
+        "--threads", "1"]
 
 
 @pytest.fixture

@@ -153,7 +153,10 @@ def test_bf16_sync_halves_the_delta_bytes_and_keeps_replicas_identical(lever_run
     w32, w16 = _weights(lever_runs["base"]), _weights(lever_runs["bf16"])
     a = torch.cat([w32[k].double().reshape(-1) for k in w32])
     b = torch.cat([w16[k].double().reshape(-1) for k in w32])
-    assert 0 < float((a - b).norm() / a.norm()) < 1e-2  # rounded, not another run
+    drift = float((a - b).norm() / a.norm())
+    print(f"bf16 vs fp32 delta transport: relative weight difference {drift:.3e} after "
+          f"{sum(r['boundary'] > 0 for r in base)} local epochs")  # the figure in docs/profiling.md
+    assert 0 < drift < 1e-2  # rounded, not another run
 
 
 def test_two_ranks_equal_one_process_with_sample_fraction_and_chunking(tmp_path_factory):

@@ -233,3 +233,13 @@ def test_buffer_resumes_across_direct_and_buffered_layouts():
     buffered.buffer[0] = 1.0
     with pytest.raises(ValueError, match="same world size"):
         direct.load_state_dict(buffered.state_dict())
+
+
+@pytest.mark.parametrize("override", ["local.sync_dtype=fp8", "local.chunk_bytes=-1", "local.chunk_size=-2"])
+def test_bad_lever_values_are_one_config_error(override: str) -> None:
+    from distlocal.config import compose
+    from distlocal.errors import ConfigError
+    from distlocal.trainer import validate
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
+        validate(compose([override]))

@@ -106,8 +106,13 @@ def make_variant(name: str, base: StagedModel, boundary: int, args: argparse.Nam
     return Variant(name, model, learner, opt, [], hooks=hooks)
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """A function timing one call in seconds: CUDA events on GPU, ``perf_counter`` on CPU."""
+def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], Any]], float]:
+    """A function timing one call in seconds: CUDA events on GPU, ``perf_counter`` on CPU.
+
+    ``clock="cpu"`` (CPU only): the process's CPU time (``time.process_time``) instead of wall
+    time. With ``--threads 1`` that is the step's own work, unaffected by waiting for a core on an
+    oversubscribed machine (it still counts cache and memory-bandwidth contention).
+    """
     if device.type == "cuda":
         def run_cuda(fn: Callable[[], Any]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -118,10 +123,12 @@ def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
             return start.elapsed_time(end) / 1e3
         return run_cuda
 
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
     def run_cpu(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        return time.perf_counter() - t0
+        return now() - t0
     return run_cpu
 
 
@@ -129,7 +136,7 @@ def bench_boundary(base: StagedModel, boundary: int, x: torch.Tensor, y: torch.T
                    args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     """Measure the variants at ``boundary`` in alternation; one JSON row."""
     variants = [make_variant(n, base, boundary, args) for n in VARIANTS]
-    time_one = timer(device)
+    time_one = timer(device, args.clock)
     dtype = PRECISIONS[args.precision]
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -214,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--chunk-size", type=int, default=0, help="samples per delta chunk (0: --chunk-bytes)")
     ap.add_argument("--chunk-bytes", type=int, default=LocalConfig.chunk_bytes,
                     help="automatic delta chunking bound (0: whole batch); default as local.chunk_bytes")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to a "
+                         "machine shared with other jobs)")
     ap.add_argument("--precision", default="32", choices=list(PRECISIONS), help="autocast: 32, bf16 or 16")
     ap.add_argument("--boundaries", default=None, help="comma-separated subset, e.g. 0,2,4")
     ap.add_argument("--seed", type=int, default=0)
@@ -265,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "update_every": args.update_every, "sync_every": args.sync_every,
            "sample_fraction": args.sample_fraction, "precision": args.precision,
            "chunk_size": args.chunk_size,
-           "chunk_bytes": args.chunk_bytes, "threads": torch.get_num_threads(), "steps": args.steps,
+           "chunk_bytes": args.chunk_bytes, "threads": torch.get_num_threads(), "clock": args.clock,
+           "steps": args.steps,
            "warmup": args.warmup, "period": math.lcm(args.update_every, args.sync_every),
            "command": " ".join(["profiling/bench.py", *(sys.argv[1:] if argv is None else argv)]),
            "rows": rows}

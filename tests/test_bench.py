@@ -61,7 +61,7 @@ def test_bench_times_whole_lever_periods(bench, monkeypatch: pytest.MonkeyPatch,
         steps.append(a[5])
         return real(*a, **kw)
 
-    def fake_timer(device):
+    def fake_timer(device, clock="wall"):
         def run(fn):
             first = len(steps)
             fn()

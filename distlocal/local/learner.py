@@ -254,7 +254,10 @@ class LocalLearner:
 
     @property
     def delta_bytes(self) -> int:
-        """Bytes one sync sends (deltas, BN statistics and the loss slots)."""
+        """Bytes of the buffer (deltas, BN statistics and the loss slots): what one fp32 sync sends.
+
+        ``DeltaSync.bytes_sent`` counts what is really sent (``local.sync_dtype=bf16`` halves the
+        delta part; a direct learner has no delta part)."""
         return self.buffer.numel() * self.buffer.element_size() if self.has_local else 0
 
     # ------------------------------------------------------------------ checkpoint

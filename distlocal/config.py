@@ -117,7 +117,17 @@ class LocalConfig:
     update_every: int = 1
     """Apply the rule on every n-th step; other steps run the prefix forward only."""
     sample_fraction: float = 1.0
-    """Compute the delta from this leading fraction of the (per-rank) batch."""
+    """Compute the delta from this leading fraction of the (per-rank) batch. The sampler interleaves
+    the ranks, so N ranks use the same samples as one process when fraction x per-rank batch is whole."""
+    chunk_size: int = 0
+    """Samples per chunk of a layer's delta computation (bounds the rule's temporaries); 0: use
+    ``chunk_bytes``. Exact: the delta is a sum over samples."""
+    chunk_bytes: int = 16 * 2**20
+    """Automatic chunking: as many samples per chunk as keep one chunk's float32 input and output
+    copies under this many bytes (0: the whole batch at once). See docs/profiling.md."""
+    sync_dtype: str = "fp32"
+    """``fp32`` or ``bf16``: transport dtype of the delta part of the sync buffer (bf16 halves its
+    bytes; BN statistics and the loss stay fp32)."""
     sync_every: int = 1
     """Average deltas across ranks every K steps (accumulated in between)."""
     sync_async: bool = False

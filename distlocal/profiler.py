@@ -280,6 +280,7 @@ def train_step(
     step: int = 0,
     counter: ActivationCounter | None = None,
     autocast: Callable[[], AbstractContextManager] | None = None,
+    sync_every: int = 1,
 ) -> torch.Tensor:
     """One single-process LoCal+SGD step, as the trainer runs it with ``sync_every=1``.
 
@@ -287,6 +288,9 @@ def train_step(
     loss, backward, optimizer step, then the deltas and prefix BN statistics are applied. With
     ``learner=None`` (or a learner at boundary 0) it is a plain all-SGD step of ``model``.
     ``counter``, if given, is active over the forward and loss only. Returns the detached loss.
+    ``sync_every``: the deltas are applied after steps ``k·sync_every − 1`` that computed one, as
+    :meth:`distlocal.dist.sync.DeltaSync.due` decides in the trainer (a step without a delta has
+    nothing to apply on one process).
     """
     ctx = autocast or contextlib.nullcontext
     boundary = learner.boundary if learner is not None else 0
@@ -298,7 +302,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    if learner is not None and learner.has_local:
+    if learner is not None and learner.has_local and learner.delta_pending and (step + 1) % sync_every == 0:
         learner.pack_stats()  # what DeltaSync.start/finish do on one process
         learner.apply()
     return loss.detach()

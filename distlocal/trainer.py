@@ -199,9 +199,12 @@ def train(
     model.train()
     rule = make_rule("freeze" if cfg.mode == "freeze" else cfg.local.rule, temperature=cfg.local.temperature)
     schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
-    learner = LocalLearner(model, rule, cfg.local.update_every, cfg.local.sample_fraction)
+    # One process syncing every step has nothing to average or accumulate: no delta buffer.
+    learner = LocalLearner(model, rule, cfg.local.update_every, cfg.local.sample_fraction,
+                           cfg.local.chunk_size, cfg.local.chunk_bytes,
+                           direct=env.world_size == 1 and cfg.local.sync_every == 1)
     learner.auto_freeze = AutoFreeze.from_config(cfg.local.auto_freeze)
-    sync = DeltaSync(learner, env, cfg.local.sync_every, cfg.local.sync_async)
+    sync = DeltaSync(learner, env, cfg.local.sync_every, cfg.local.sync_async, cfg.local.sync_dtype)
     ws = WeakSupervision.from_config(cfg.local.weak_supervision)
     engine = build_engine(cfg.engine, model, env, tc)
     steps_per_epoch = len(train_loader) if tc.max_steps_per_epoch is None else min(
@@ -328,14 +331,13 @@ def train(
                 x, y = next(batches)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             learner.lr = cfg.local.lr * ws.multiplier
-            sync_now = learner.has_local and (sync.is_sync_step(step) or step == steps_per_epoch - 1)
-
             # One step per epoch (the second) is measured, peak footprint by category and bytes
             # saved for backward, and left out of the timing.
             with prof.footprint((model,), (engine.optimizer,), (learner.buffer,)):
                 with prof.activations():                  # the same step: bytes saved for backward
                     with prof.phase("prefix"), _autocast(env, tc.precision):
                         h = learner.prefix_forward(x, step)  # local stages: no graph, deltas in hooks
+                    sync_now = sync.due(step, last=step == steps_per_epoch - 1)  # no delta, no sync
                     if sync_now and cfg.local.sync_async:
                         with prof.phase("sync"):
                             sync.start()                      # overlaps the suffix below

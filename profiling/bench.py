@@ -1,45 +1,64 @@
-"""Step time and activation memory of all-SGD, LoCal and a frozen prefix, side by side, per boundary.
+"""Step time and peak memory of all-SGD, LoCal, a frozen prefix and the ideal local step, per boundary.
 
     python profiling/bench.py --model resnet18 --data-shape 3,32,32 --classes 10 \\
-        --batch-size 64 --steps 5 --device cpu --json out.json
+        --batch-size 64 --steps 5 --device cpu --threads 1 --json out.json
 
-For every boundary k (default 0..num_stages-1, or ``--boundaries 0,2,4``) three variants run one
-single-process training step each, in round-robin (the order rotates every repetition), so a noisy
+For every boundary k (default 0..num_stages-1, or ``--boundaries 0,2,4``) four variants run
+single-process training steps, in round-robin (the order rotates every repetition), so a noisy
 machine slows them alike:
 
 * ``sgd``    — boundary 0: full forward, backward and SGD step;
 * ``local``  — stages [0, k) under ``no_grad`` with the learner's hooks computing and applying the
-  rule's deltas (``--rule``, default softhebb), suffix SGD — the trainer's step with sync_every=1;
-* ``frozen`` — the same prefix with no delta (rule ``freeze``): the physical limit of the local step.
+  rule's deltas (``--rule``, default softhebb; ``--chunk-bytes``/``--chunk-size`` bound its
+  temporaries), suffix SGD — the trainer's step on one process;
+* ``frozen`` — the same prefix with no delta (rule ``freeze``): a lower bound no rule reaches;
+* ``ideal``  — the frozen step plus, in each local layer's forward hook, its weight-gradient GEMM on
+  the same input and output (``rules.correlation_sum``, in the input's dtype): what a local layer
+  must cost at least (forward + one GEMM), the limit for ``update_every=1``.
 
-The step is :func:`distlocal.profiler.train_step` (what the calibration uses too), the bytes are
-:class:`distlocal.profiler.ActivationCounter`'s (saved for backward, deduplicated, weights excluded).
-Times are medians over ``--steps`` after ``--warmup`` steps (CUDA events on GPU). The table goes to
-stdout; ``--json`` writes ``{"model", "device", "batch_size", "rows": [{"boundary", "sgd_s",
-"local_s", "frozen_s", "sgd_act_bytes", "local_act_bytes"}, ...]}``.
+The step is :func:`distlocal.profiler.train_step` (what the calibration uses too). Timing: windows
+of ``P = lcm(update_every, sync_every)`` consecutive steps, starting at a period boundary, so every
+window holds the same number of deltas and syncs as the run does on average and no lever can
+flatter the figure; the per-step time is the window over ``P``, and the reported figure the median
+over ``--steps`` windows (CUDA events on GPU). Memory: ``*_act_bytes`` are
+:class:`distlocal.profiler.ActivationCounter`'s bytes saved for backward (first, untimed step);
+``*_peak_bytes`` the whole step's peak footprint from :func:`distlocal.footprint.measure_footprint`
+on the second, untimed step (plus ``torch.cuda.max_memory_allocated`` on CUDA as
+``*_cuda_peak_bytes``); ``local_local_bytes`` is the ``local`` category (rule temporaries and delta
+buffer) at the local step's peak. ``--precision bf16|16`` runs the forward under autocast.
+
+The table goes to stdout; ``--json`` writes ``{"model", "device", "batch_size", "precision",
+"threads", ..., "rows": [{"boundary", "<v>_s", "<v>_act_bytes", "<v>_peak_bytes", ...}, ...]}``
+for every variant ``<v>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from distlocal.config import LocalConfig
+from distlocal.footprint import measure_footprint
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import RULES, make_rule
+from distlocal.local.rules import RULES, correlation_sum, make_rule
 from distlocal.models import StagedModel, build_model
 from distlocal.profiler import ActivationCounter, train_step
 
-VARIANTS = ("sgd", "local", "frozen")
+VARIANTS = ("sgd", "local", "frozen", "ideal")
+PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 
 @dataclass
@@ -53,25 +72,47 @@ class Variant:
     times: list[float]
     act_bytes: int = 0
     step: int = 0
+    footprint: dict[str, int] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
 
 
-def make_variant(name: str, base: StagedModel, boundary: int, rule: str, local_lr: float,
-                 update_every: int, sample_fraction: float) -> Variant:
+def _gemm_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    """The ideal variant's per-layer work: the weight-gradient GEMM of (input, output), discarded.
+
+    In the dtype the layer's forward ran in (autocast casts the input as the conv did), as the
+    weight-gradient GEMM of an SGD backward would.
+    """
+    with torch.no_grad(), torch.autocast(device_type=output.device.type, enabled=False):
+        correlation_sum(module, inputs[0].to(output.dtype), output)
+
+
+def make_variant(name: str, base: StagedModel, boundary: int, args: argparse.Namespace) -> Variant:
     """A fresh copy of ``base`` set up as ``name`` at ``boundary`` (``sgd`` ignores the boundary)."""
     model = copy.deepcopy(base)
-    learner = LocalLearner(model, make_rule("freeze" if name == "frozen" else rule), update_every,
-                           sample_fraction)
-    learner.lr = local_lr  # > 0, or the hooks would skip the delta
+    rule = "freeze" if name in ("frozen", "ideal") else args.rule
+    # direct: one process syncing every step keeps no delta buffer, as the trainer does.
+    learner = LocalLearner(model, make_rule(rule), args.update_every, args.sample_fraction,
+                           args.chunk_size, args.chunk_bytes, direct=args.sync_every == 1)
+    learner.lr = args.local_lr  # > 0, or the hooks would skip the delta
+    hooks = []
     if name != "sgd" and boundary > 0:
         learner.set_boundary(boundary)
+        if name == "ideal":
+            hooks = [m.register_forward_hook(_gemm_hook) for s in model.stages[:boundary]
+                     for m in s.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     # The trainer's default optimizer: SGD with momentum and weight decay, over the suffix only.
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                           weight_decay=5e-4)
-    return Variant(name, model, learner, opt, [])
+    return Variant(name, model, learner, opt, [], hooks=hooks)
 
 
-def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
-    """A function timing one call in seconds: CUDA events on GPU, ``perf_counter`` on CPU."""
+def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], Any]], float]:
+    """A function timing one call in seconds: CUDA events on GPU, ``perf_counter`` on CPU.
+
+    ``clock="cpu"`` (CPU only): the process's CPU time (``time.process_time``) instead of wall
+    time. With ``--threads 1`` that is the step's own work, unaffected by waiting for a core on an
+    oversubscribed machine (it still counts cache and memory-bandwidth contention).
+    """
     if device.type == "cuda":
         def run_cuda(fn: Callable[[], Any]) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -82,54 +123,81 @@ def timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
             return start.elapsed_time(end) / 1e3
         return run_cuda
 
+    now = time.process_time if clock == "cpu" else time.perf_counter
+
     def run_cpu(fn: Callable[[], Any]) -> float:
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
-        return time.perf_counter() - t0
+        return now() - t0
     return run_cpu
 
 
 def bench_boundary(base: StagedModel, boundary: int, x: torch.Tensor, y: torch.Tensor,
                    args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    """Measure the three variants at ``boundary`` in alternation; one JSON row."""
-    variants = [make_variant(n, base, boundary, args.rule, args.local_lr, args.update_every,
-                             args.sample_fraction) for n in VARIANTS]
-    time_one = timer(device)
+    """Measure the variants at ``boundary`` in alternation; one JSON row."""
+    variants = [make_variant(n, base, boundary, args) for n in VARIANTS]
+    time_one = timer(device, args.clock)
+    dtype = PRECISIONS[args.precision]
+
+    def autocast() -> contextlib.AbstractContextManager:
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def step(v: Variant) -> None:
+        train_step(v.model, v.learner, v.optimizer, x, y, v.step, autocast=autocast,
+                   sync_every=args.sync_every)
+        v.step += 1
+
+    period = math.lcm(args.update_every, args.sync_every)
     for v in variants:
-        # Counted on the first (warm-up) step: the pack-hook callbacks never touch a timed step.
+        # Step 0 counts saved bytes, step 1 the peak footprint: both untimed.
         counter = ActivationCounter(v.model.stages)
-        train_step(v.model, v.learner, v.optimizer, x, y, v.step, counter=counter)
+        train_step(v.model, v.learner, v.optimizer, x, y, v.step, counter=counter, autocast=autocast,
+                   sync_every=args.sync_every)
         v.act_bytes, v.step = counter.total, v.step + 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        fp = measure_footprint(lambda v=v: step(v), device, modules=(v.model,), optimizers=(v.optimizer,),
+                               local=(v.learner.buffer,))
+        v.footprint = {"peak_bytes": fp.total, "local_bytes": fp.by_category["local"]}
+        if device.type == "cuda":
+            v.footprint["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        while v.step % period:  # windows start at a period boundary
+            step(v)
     for rep in range(args.warmup - 1 + args.steps):
         k = rep % len(variants)
         for v in variants[k:] + variants[:k]:  # rotate: no variant is always first after a pause
-            t = time_one(lambda v=v: train_step(v.model, v.learner, v.optimizer, x, y, v.step))
-            v.step += 1
+            t = time_one(lambda v=v: [step(v) for _ in range(period)])
             if rep >= args.warmup - 1:
-                v.times.append(t)
+                v.times.append(t / period)
     for v in variants:
         v.learner.remove_hooks()
-    by = {v.name: v for v in variants}
-    return {
-        "boundary": boundary,
-        "sgd_s": statistics.median(by["sgd"].times),
-        "local_s": statistics.median(by["local"].times),
-        "frozen_s": statistics.median(by["frozen"].times),
-        "sgd_act_bytes": by["sgd"].act_bytes,
-        "local_act_bytes": by["local"].act_bytes,
-    }
+        for h in v.hooks:
+            h.remove()
+    row: dict[str, Any] = {"boundary": boundary}
+    for v in variants:
+        row[f"{v.name}_s"] = statistics.median(v.times)
+    for v in variants:
+        row[f"{v.name}_act_bytes"] = v.act_bytes
+        for key, val in v.footprint.items():
+            if key != "local_bytes" or v.name == "local":
+                row[f"{v.name}_{key}"] = val
+    return row
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The table printed to stdout: times in seconds, ratios, activation bytes."""
-    head = ("boundary", "sgd_s", "local_s", "frozen_s", "sgd/local", "local/frozen", "sgd_act_bytes",
-            "local_act_bytes")
-    lines = [" ".join(f"{h:>15}" for h in head)]
+    """The table printed to stdout: times in ms, the ratios, peak footprints in MiB."""
+    mib = 2**20
+    head = ("bnd", "sgd_ms", "local_ms", "frozen_ms", "ideal_ms", "sgd/local", "local/frozen",
+            "local/ideal", "peak_sgd", "peak_local", "peak_frozen", "peak_ideal", "local/frozen_mem")
+    lines = [" ".join(f"{h:>11}" if i else f"{h:>3}" for i, h in enumerate(head)) + "   (peaks in MiB)"]
     for r in rows:
-        cells = (str(r["boundary"]), f"{r['sgd_s']:.4f}", f"{r['local_s']:.4f}", f"{r['frozen_s']:.4f}",
+        cells = (str(r["boundary"]), *(f"{1e3 * r[f'{v}_s']:.1f}" for v in VARIANTS),
                  f"{r['sgd_s'] / r['local_s']:.3f}", f"{r['local_s'] / r['frozen_s']:.3f}",
-                 str(r["sgd_act_bytes"]), str(r["local_act_bytes"]))
-        lines.append(" ".join(f"{c:>15}" for c in cells))
+                 f"{r['local_s'] / r['ideal_s']:.3f}",
+                 *(f"{r[f'{v}_peak_bytes'] / mib:.1f}" for v in VARIANTS),
+                 f"{r['local_peak_bytes'] / r['frozen_peak_bytes']:.3f}")
+        lines.append(" ".join(f"{c:>11}" if i else f"{c:>3}" for i, c in enumerate(cells)))
     return "\n".join(lines)
 
 
@@ -147,7 +215,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rule", default="softhebb", choices=[r for r in RULES if r != "freeze"])
     ap.add_argument("--local-lr", type=float, default=1e-3)
     ap.add_argument("--update-every", type=int, default=1)
+    ap.add_argument("--sync-every", type=int, default=1,
+                    help="apply the deltas every k steps (1: direct application, no delta buffer)")
     ap.add_argument("--sample-fraction", type=float, default=1.0)
+    ap.add_argument("--chunk-size", type=int, default=0, help="samples per delta chunk (0: --chunk-bytes)")
+    ap.add_argument("--chunk-bytes", type=int, default=LocalConfig.chunk_bytes,
+                    help="automatic delta chunking bound (0: whole batch); default as local.chunk_bytes")
+    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                    help="CPU timing: wall clock, or process CPU time (with --threads 1: robust to a "
+                         "machine shared with other jobs)")
+    ap.add_argument("--precision", default="32", choices=list(PRECISIONS), help="autocast: 32, bf16 or 16")
     ap.add_argument("--boundaries", default=None, help="comma-separated subset, e.g. 0,2,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
@@ -156,6 +233,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be >= 1")
+    if args.update_every < 1 or args.sync_every < 1:
+        ap.error("--update-every and --sync-every must be >= 1")
     return args
 
 
@@ -183,7 +262,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     y = torch.randint(args.classes, (args.batch_size,), generator=gen, device=device)
     print(f"bench: {args.model} ({base.num_stages} stages), batch {args.batch_size}, {shape}, "
           f"device {device}, "
-          f"rule {args.rule}, update_every {args.update_every}, sample_fraction {args.sample_fraction}, "
+          f"rule {args.rule}, update_every {args.update_every}, sync_every {args.sync_every}, "
+          f"sample_fraction {args.sample_fraction}, precision {args.precision}, "
+          f"chunk_size {args.chunk_size}, chunk_bytes {args.chunk_bytes}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, torch threads {torch.get_num_threads()}",
           file=sys.stderr)
     rows = []
@@ -191,7 +272,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(bench_boundary(base, b, x, y, args, device))
         print(f"bench: boundary {b} done", file=sys.stderr, flush=True)
     doc = {"model": args.model, "device": str(device), "batch_size": args.batch_size, "rule": args.rule,
-           "update_every": args.update_every, "sample_fraction": args.sample_fraction, "steps": args.steps,
+           "update_every": args.update_every, "sync_every": args.sync_every,
+           "sample_fraction": args.sample_fraction, "precision": args.precision,
+           "chunk_size": args.chunk_size,
+           "chunk_bytes": args.chunk_bytes, "threads": torch.get_num_threads(), "clock": args.clock,
+           "steps": args.steps,
+           "warmup": args.warmup, "period": math.lcm(args.update_every, args.sync_every),
+           "command": " ".join(["profiling/bench.py", *(sys.argv[1:] if argv is None else argv)]),
            "rows": rows}
     print(format_table(rows))
     if args.json is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -14,14 +13,7 @@ from distlocal import checkpoint
 from distlocal.config import AutoFreezeConfig
 from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
-
-
-@dataclass
-class _Slot:
-    module: torch.nn.Module
-    stage: int
-    w: torch.Tensor
-    b: torch.Tensor | None
+from distlocal.local.learner import _Slot
 
 
 def _slot(stage: int, rel: float) -> _Slot:
@@ -29,7 +21,7 @@ def _slot(stage: int, rel: float) -> _Slot:
     lin = torch.nn.Linear(4, 3)
     w = lin.weight.detach().clone() * rel
     b = lin.bias.detach().clone() * rel
-    return _Slot(lin, stage, w, b)
+    return _Slot(lin, f"stages.{stage}", stage, w, b)
 
 
 def test_freezes_a_stage_below_threshold_for_a_whole_window_only() -> None:
@@ -88,9 +80,9 @@ def test_learner_stops_computing_the_rule_of_a_frozen_stage() -> None:
         apply = staticmethod(rule.apply)
 
         @staticmethod
-        def delta(*a):
+        def delta(*a, **kw):
             calls.append(1)
-            return rule.delta(*a)
+            return rule.delta(*a, **kw)
 
     learner.rule = Counting()  # type: ignore[assignment]
     x, _ = _batch()
@@ -132,5 +124,5 @@ def test_resume_mid_epoch_with_auto_freeze_is_exact(tmp_path) -> None:
     (cut / "run" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
     assert checkpoint.load(ckpts / "last.pt")["learner"]["auto_freeze"]["frozen"] == [0]
     _worker(cut, *args)
-    _assert_same_run(full, cut)
+    _assert_same_run(full, cut, entered_mid_epoch=2)
     assert [r["auto_frozen"] for r in _rows(full)[1:]] == [[1], [1, 1], [1, 1, 1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -178,3 +179,67 @@ def test_boundary_never_moves_back_nor_onto_the_classifier():
         raise AssertionError("classifier turned local")
     except ValueError:
         pass
+
+
+def _local_weights_after_steps(rule: str, steps: int = 2, **kw) -> list[torch.Tensor]:
+    model, learner, engine = _setup("convnet", rule=rule, **kw)
+    engine.set_boundary(3, learner.set_boundary(3))
+    learner.lr = 0.01
+    torch.manual_seed(5)
+    for step in range(steps):
+        x, y = _batch(8)
+        _step(model, learner, engine, x, y, step)
+    return [p.detach().clone() for p in model.stages[:3].parameters()]
+
+
+@pytest.mark.parametrize("rule", ["softhebb", "hebb"])
+@pytest.mark.parametrize("kw", [dict(chunk_size=3), dict(chunk_bytes=1), dict(direct=True),
+                                dict(direct=True, chunk_size=2)],
+                         ids=["chunk3", "bytes1", "direct", "direct_chunk"])
+def test_chunking_and_direct_application_give_the_same_weights(rule: str, kw: dict) -> None:
+    """Bounded temporaries and the buffer-less direct mode change the memory, not the update."""
+    ref = _local_weights_after_steps(rule)
+    got = _local_weights_after_steps(rule, **kw)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_learner_holds_no_delta_buffer_and_skips_a_non_finite_layer():
+    model, learner, engine = _setup("convnet_nobn", direct=True)
+    learner.set_boundary(2)
+    assert learner.buffer.numel() == learner._n_stats + 2  # statistics and loss only
+    learner.lr = 0.01
+    before = [p.detach().clone() for p in model.stages[:2].parameters()]
+    x, _ = _batch()
+    x[0, 0, 0, 0] = float("nan")  # every layer's delta turns non-finite
+    learner.prefix_forward(x, 0)
+    learner.apply()
+    assert learner.skipped_updates == 1
+    for p, b in zip(model.stages[:2].parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_buffer_resumes_across_direct_and_buffered_layouts():
+    _, direct, _ = _setup("convnet", direct=True)
+    _, buffered, _ = _setup("convnet")
+    for lr in (direct, buffered):
+        lr.set_boundary(2)
+    direct.buffer.copy_(torch.arange(direct.buffer.numel(), dtype=torch.float32))
+    buffered.load_state_dict(direct.state_dict())
+    n = direct.buffer.numel()
+    assert torch.equal(buffered.buffer[-n:], direct.buffer)
+    assert float(buffered.buffer[:-n].abs().sum()) == 0.0
+    direct.load_state_dict(buffered.state_dict())  # zero pending delta: accepted
+    buffered.buffer[0] = 1.0
+    with pytest.raises(ValueError, match="same world size"):
+        direct.load_state_dict(buffered.state_dict())
+
+
+@pytest.mark.parametrize("override", ["local.sync_dtype=fp8", "local.chunk_bytes=-1", "local.chunk_size=-2"])
+def test_bad_lever_values_are_one_config_error(override: str) -> None:
+    from distlocal.config import compose
+    from distlocal.errors import ConfigError
+    from distlocal.trainer import validate
+
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[1]):
+        validate(compose([override]))

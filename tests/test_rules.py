@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.errors import ConfigError
-from distlocal.local.rules import RULES, correlation, is_finite, make_rule
+from distlocal.local.rules import RULES, chunk_rows, correlation, is_finite, make_rule
 
 ACTIVE_RULES = ("hebb", "oja", "softhebb")
 
@@ -269,3 +269,37 @@ def test_unknown_rule_and_bad_padding_mode() -> None:
         make_rule("hebb").delta(m, x, _forward(m, x))
     with pytest.raises(TypeError):
         make_rule("hebb").delta(nn.Conv1d(2, 2, 3), torch.randn(1, 2, 5), torch.randn(1, 2, 3))
+
+
+CHUNK_CONV_CASES = ("strided", "grouped", "depthwise", "same_even_kernel")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5])
+@pytest.mark.parametrize("case", [*CHUNK_CONV_CASES, "linear", "linear3d"])
+@pytest.mark.parametrize("rule", ACTIVE_RULES)
+def test_chunked_delta_equals_unchunked(rule: str, case: str, chunk: int) -> None:
+    """Bounded temporaries are exact: chunks of 1..B samples (uneven last chunk included) give the
+    whole-batch delta in float64 to summation-order precision, with and without bias."""
+    torch.manual_seed(7)
+    for bias in (False, True):
+        if case.startswith("linear"):
+            m = nn.Linear(7, 6, bias=bias).double()
+            x = torch.randn(*((5, 7) if case == "linear" else (5, 3, 7)), dtype=torch.float64)
+        else:
+            m = _conv(case, bias)
+            x = torch.randn(5, m.in_channels, 9, 8, dtype=torch.float64)
+        z = _forward(m, x)
+        z_before = z.clone()
+        r = make_rule(rule, temperature=0.7)
+        whole = r.delta(m, x, z)
+        _close(r.delta(m, x, z, chunk=chunk), whole, atol=1e-12)
+        _close(whole, reference_delta(rule, m, x, z, tau=0.7))
+        assert torch.equal(z, z_before)  # the layer's output is never written to
+
+
+def test_chunk_rows_bounds_the_float32_bytes_of_a_chunk() -> None:
+    x, z = torch.zeros(64, 3, 8, 8), torch.zeros(64, 16, 8, 8)
+    per_sample = 4 * (3 * 64 + 16 * 64)
+    assert chunk_rows(x, z, 10 * per_sample) == 10
+    assert chunk_rows(x, z, 10 * per_sample + per_sample - 1) == 10
+    assert chunk_rows(x, z, 1) == 1  # never zero rows

@@ -82,6 +82,9 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.sample_fraction", 2, "local.sample_fraction=2 must be a number in (0, 1]"),
     ("ddp", "local.sync_every", 0, "local.sync_every=0 must be an integer >= 1"),
     ("ddp", "local.sync_async", "true", "local.sync_async=true must be true or false"),  # a string
+    ("ddp", "local.sync_dtype", "fp16", "unknown local.sync_dtype 'fp16'; valid: fp32, bf16"),
+    ("ddp", "local.chunk_size", -1, "local.chunk_size=-1 must be an integer >= 0 (0: no fixed chunk)"),
+    ("ddp", "local.chunk_bytes", -1, "local.chunk_bytes=-1 must be an integer >= 0 (0: no byte bound)"),
     ("ddp", "local.max_skipped_in_a_row", -1, "local.max_skipped_in_a_row=-1 must be an integer >= 0"),
     ("ddp", "local.weak_supervision.enabled", None,
      "local.weak_supervision.enabled=null must be true or false"),

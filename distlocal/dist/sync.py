@@ -8,7 +8,10 @@ import torch
 import torch.distributed as dist
 
 from distlocal.dist.env import DistEnv
+from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
+
+SYNC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class DeltaSync:
@@ -20,16 +23,31 @@ class DeltaSync:
     the prefix ever entering the gradient all-reduce. With ``sync_async`` the all-reduce is
     launched right after the prefix forward and awaited only before the deltas are applied, so
     it overlaps the suffix's forward and backward.
+
+    A sync period in which no delta was computed (``local.update_every``) sends nothing: the prefix
+    BN running statistics are averaged at the next sync instead, which is exact because their
+    update is linear in the batch statistics (the average over ranks of k EMA steps is the EMA of
+    the rank-averaged statistics), and at the epoch end by :func:`average_buffers`.
+
+    ``sync_dtype="bf16"`` sends the delta part of the buffer as bfloat16 (half its bytes; BN
+    statistics and the loss slots stay float32, in a second, small all-reduce). Every rank then
+    applies the same bf16-rounded average, so the replicas stay identical to each other; they
+    differ from an fp32 run by the rounding (docs/profiling.md gives the measured drift).
     """
 
-    def __init__(self, learner: LocalLearner, env: DistEnv, sync_every: int = 1, sync_async: bool = False):
+    def __init__(self, learner: LocalLearner, env: DistEnv, sync_every: int = 1, sync_async: bool = False,
+                 sync_dtype: str = "fp32"):
         if sync_every < 1:
             raise ValueError("local.sync_every must be >= 1")
+        if sync_dtype not in SYNC_DTYPES:
+            raise ConfigError(f"unknown local.sync_dtype '{sync_dtype}'; valid: {', '.join(SYNC_DTYPES)}")
+        self.sync_dtype = sync_dtype
         self.learner = learner
         self.env = env
         self.sync_every = sync_every
         self.sync_async = sync_async
-        self._work: dist.Work | None = None
+        self._works: list[dist.Work] = []
+        self._low: torch.Tensor | None = None  # the bf16 copy of the delta part in flight
         self.bytes_sent = 0
         self.calls = 0
         self.seconds = 0.0
@@ -37,6 +55,11 @@ class DeltaSync:
     def is_sync_step(self, step: int) -> bool:
         """Whether step ``step`` (0-based within the epoch) ends a sync period."""
         return (step + 1) % self.sync_every == 0
+
+    def due(self, step: int, last: bool) -> bool:
+        """Whether to sync after step ``step``: at the end of a sync period (or the epoch's ``last``
+        step) in which a delta was computed; asked after the prefix forward."""
+        return self.learner.has_local and self.learner.delta_pending and (self.is_sync_step(step) or last)
 
     def start(self) -> None:
         """Pack the BN statistics and launch the all-reduce (async or not)."""
@@ -47,8 +70,16 @@ class DeltaSync:
             return
         t0 = time.perf_counter()
         buf = self.learner.buffer
-        self._work = dist.all_reduce(buf, op=dist.ReduceOp.SUM, async_op=self.sync_async)
-        self.bytes_sent += buf.numel() * buf.element_size()
+        n_delta = self.learner._n_delta
+        parts = [buf]
+        if self.sync_dtype != "fp32" and n_delta:
+            self._low = buf[:n_delta].to(SYNC_DTYPES[self.sync_dtype])
+            parts = [self._low, buf[n_delta:]]
+        for t in parts:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=self.sync_async)
+            if work is not None:
+                self._works.append(work)
+            self.bytes_sent += t.numel() * t.element_size()
         self.calls += 1
         self.seconds += time.perf_counter() - t0
 
@@ -58,9 +89,12 @@ class DeltaSync:
             return None
         if self.env.distributed:
             t0 = time.perf_counter()
-            if self._work is not None:
-                self._work.wait()
-                self._work = None
+            for work in self._works:
+                work.wait()
+            self._works = []
+            if self._low is not None:
+                self.learner.buffer[: self._low.numel()].copy_(self._low)
+                self._low = None
             # gloo has no AVG op: sum, then divide (the same on every rank, so still identical).
             self.learner.buffer.div_(self.env.world_size)
             self.seconds += time.perf_counter() - t0

@@ -30,8 +30,10 @@ from distlocal.errors import ConfigError
 class _SlotLike(Protocol):
     module: torch.nn.Module
     stage: int
-    w: torch.Tensor
-    b: torch.Tensor | None
+
+    def delta_sq(self) -> float:
+        """``||lr * delta||^2`` of the module (weight and bias) since the last observation."""
+        ...
 
 
 class AutoFreeze:
@@ -69,12 +71,10 @@ class AutoFreeze:
         for s in slots:
             if s.stage in self.frozen:
                 continue
-            d = float(s.w.double().pow(2).sum())
-            if s.b is not None:
-                d += float(s.b.double().pow(2).sum())
+            d = s.delta_sq()
             bias = getattr(s.module, "bias", None)
             w = float(s.module.weight.double().pow(2).sum())
-            if s.b is not None and bias is not None:
+            if bias is not None:
                 w += float(bias.double().pow(2).sum())
             delta_sq[s.stage] = delta_sq.get(s.stage, 0.0) + d
             weight_sq[s.stage] = weight_sq.get(s.stage, 0.0) + w

@@ -5,6 +5,18 @@ Stages ``[0, boundary)`` run under ``torch.no_grad()``; forward hooks on their `
 forward runs, so no activation of the prefix is ever kept. The deltas (scaled by the local
 learning rate in force) accumulate in one flat buffer, which is also what the ranks average in a
 single all-reduce: see :class:`distlocal.dist.sync.DeltaSync`.
+
+Two things keep a local layer near its physical limit (its forward plus one weight-gradient GEMM):
+
+* **Bounded temporaries.** Each hook computes its delta over chunks of the batch
+  (``chunk_size`` samples, or as many as fit ``chunk_bytes``, see
+  :func:`distlocal.local.rules.chunk_rows`); the rule's sums add up exactly.
+* **Direct application.** With ``direct=True`` (one process, a sync every step: nothing to
+  average, nothing to accumulate) a hook applies ``lr * delta`` to its layer right away, so no
+  prefix-weight-sized delta buffer exists at all; the buffer keeps only the BN statistics and
+  the loss. Applying right after the layer's own forward is the same update as applying at the
+  end of the step: the layer's output is already computed and no other layer reads its weights.
+  A non-finite delta is then skipped for that layer alone (counted like a skipped update).
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from torch import nn
 
 from distlocal.footprint import local_scope
 from distlocal.local.autofreeze import AutoFreeze
-from distlocal.local.rules import LocalRule, is_finite
+from distlocal.local.rules import LocalRule, chunk_rows, is_finite
 from distlocal.models.staged import StagedModel
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -30,8 +42,21 @@ class _Slot:
     module: nn.Module
     name: str
     stage: int
-    w: torch.Tensor
+    w: torch.Tensor | None  # None with ``direct``: no buffer
     b: torch.Tensor | None
+    applied_sq: torch.Tensor | None = None
+    """``direct`` with auto-freeze: ``||lr * delta||^2`` applied since the last sync (no buffer holds it)."""
+
+    def delta_sq(self) -> float:
+        """``||lr * delta||^2`` (weight and bias) accumulated since the last sync; direct slots restart."""
+        if self.w is not None:
+            d = float(self.w.double().pow(2).sum())
+            return d + (float(self.b.double().pow(2).sum()) if self.b is not None else 0.0)
+        if self.applied_sq is None:
+            return 0.0
+        d = float(self.applied_sq)
+        self.applied_sq.zero_()
+        return d
 
 
 class LocalLearner:
@@ -42,8 +67,11 @@ class LocalLearner:
     """
 
     def __init__(
-        self, model: StagedModel, rule: LocalRule, update_every: int = 1, sample_fraction: float = 1.0
+        self, model: StagedModel, rule: LocalRule, update_every: int = 1, sample_fraction: float = 1.0,
+        chunk_size: int = 0, chunk_bytes: int = 0, direct: bool = False,
     ) -> None:
+        if chunk_size < 0 or chunk_bytes < 0:
+            raise ValueError("local.chunk_size and local.chunk_bytes must be >= 0 (0: no bound)")
         if update_every < 1:
             raise ValueError("local.update_every must be >= 1")
         if not 0.0 < sample_fraction <= 1.0:
@@ -52,6 +80,11 @@ class LocalLearner:
         self.rule = rule
         self.update_every = update_every
         self.sample_fraction = sample_fraction
+        self.chunk_size = chunk_size
+        self.chunk_bytes = chunk_bytes
+        self.direct = direct
+        self.delta_pending = False  # a delta was computed since the last apply (DeltaSync asks)
+        self._direct_nonfinite = False
         self.boundary = 0
         self.lr = 0.0  # local learning rate in force for the next forward (eta0 * multiplier)
         self._update_now = False
@@ -110,7 +143,7 @@ class LocalLearner:
                     self._bn.append(mod)
         use_rule = self.rule.name != "freeze"
         n_delta = 0
-        if use_rule:
+        if use_rule and not self.direct:
             n_delta = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
                           for _, _, m in stage_modules)
         n_stats = sum(m.running_mean.numel() + m.running_var.numel() for m in self._bn)
@@ -120,9 +153,14 @@ class LocalLearner:
         if use_rule:
             off = 0
             for i, full, mod in stage_modules:
+                w, b = None, None
+                if self.direct:  # no buffer: the hook applies the delta itself
+                    slot = _Slot(mod, full, i, w, b, torch.zeros((), dtype=torch.float64, device=device))
+                    self._slots.append(slot)
+                    self._hooks.append(mod.register_forward_hook(self._make_hook(slot)))
+                    continue
                 w = self.buffer[off: off + mod.weight.numel()].view_as(mod.weight)
                 off += mod.weight.numel()
-                b = None
                 if mod.bias is not None:
                     b = self.buffer[off: off + mod.bias.numel()].view_as(mod.bias)
                     off += mod.bias.numel()
@@ -141,13 +179,33 @@ class LocalLearner:
                 return
             x = inputs[0]
             if self.sample_fraction < 1.0:
+                # The leading slice of the rank's batch. The sampler interleaves the ranks (rank r
+                # holds positions r, r+W, r+2W, ... of the global batch, see build_loaders), so the
+                # ranks' leading m samples are exactly the global batch's leading W*m: N ranks and
+                # one process pick the same samples whenever fraction * per-rank batch is whole.
+                # A per-rank stride (x[::s]) would break that: its union is not x[::s] globally.
                 n = max(1, math.ceil(self.sample_fraction * x.shape[0]))
                 x, output = x[:n], output[:n]
+            chunk = self.chunk_size or None
+            if chunk is None and self.chunk_bytes:
+                chunk = chunk_rows(x, output, self.chunk_bytes)
             with local_scope():  # the rule's temporaries: their own footprint category
-                d = self.rule.delta(module, x, output)
+                d = self.rule.delta(module, x, output, chunk=chunk)
                 if d is None:
                     return
                 dw, db = d
+                self.delta_pending = True
+                if slot.w is None:  # direct: apply now, nothing is accumulated
+                    if is_finite(dw, db):
+                        self.rule.apply(module, dw, db if module.bias is not None else None, self.lr)
+                        if self.auto_freeze.enabled:  # no buffer keeps the delta: its size, for it
+                            sq = dw.double().square().sum()
+                            if db is not None and module.bias is not None:
+                                sq = sq + db.double().square().sum()
+                            slot.applied_sq.add_(sq * self.lr**2)
+                    else:
+                        self._direct_nonfinite = True
+                    return
                 slot.w.add_(dw, alpha=self.lr)
                 if slot.b is not None and db is not None:
                     slot.b.add_(db, alpha=self.lr)
@@ -200,16 +258,20 @@ class LocalLearner:
                 off += t.numel()
         # The loss slots count too: a non-finite loss means this period's deltas came from a
         # diverging step. The buffer is rank-averaged, so every rank takes the same decision.
-        if not is_finite(self.buffer[: self._n_delta], self.buffer[-2:]):
+        nonfinite = self._direct_nonfinite or not is_finite(self.buffer[: self._n_delta], self.buffer[-2:])
+        self._direct_nonfinite = self.delta_pending = False
+        if nonfinite:
             self.skipped_updates += 1
             self.skipped_in_a_row += 1
         else:
             self.skipped_in_a_row = 0
             with torch.no_grad():
                 for s in self._slots:
-                    if not self.auto_freeze.is_frozen(s.stage):
+                    # Direct slots were applied in their hooks; auto-frozen ones hold no delta.
+                    if s.w is not None and not self.auto_freeze.is_frozen(s.stage):
                         self.rule.apply(s.module, s.w, s.b, 1.0)
-            # Auto-freeze decides from the rank-averaged buffer: the same on every rank.
+            # Auto-freeze decides from the rank-averaged buffer (or, direct, the deltas applied
+            # since the last call): the same on every rank.
             self.auto_freeze.observe(self._slots, self.pending_steps)
         count = float(self.buffer[-1])
         loss = float(self.buffer[-2]) / count if count > 0 and math.isfinite(float(self.buffer[-2])) else None
@@ -219,7 +281,10 @@ class LocalLearner:
 
     @property
     def delta_bytes(self) -> int:
-        """Bytes one sync sends (deltas, BN statistics and the loss slots)."""
+        """Bytes of the buffer (deltas, BN statistics and the loss slots): what one fp32 sync sends.
+
+        ``DeltaSync.bytes_sent`` counts what is really sent (``local.sync_dtype=bf16`` halves the
+        delta part; a direct learner has no delta part)."""
         return self.buffer.numel() * self.buffer.element_size() if self.has_local else 0
 
     # ------------------------------------------------------------------ checkpoint
@@ -231,10 +296,27 @@ class LocalLearner:
                 "switch": {k: v.detach().cpu().clone() for k, v in self._switch.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore after :meth:`set_boundary` has rebuilt the same layout."""
+        """Restore after :meth:`set_boundary` has rebuilt the same layout.
+
+        A buffer saved with and without ``direct`` (a resume on another world size) differs only by
+        its delta part: the tail (BN statistics, loss) is copied, pending deltas carried over when
+        this learner has a delta part, and a direct learner refuses a non-zero pending delta.
+        """
         if int(state["boundary"]) != self.boundary:
             raise ValueError("set_boundary(saved boundary) before load_state_dict")
-        self.buffer.copy_(state["buffer"].to(self.buffer.device))
+        saved = state["buffer"].to(self.buffer.device)
+        tail = self._n_stats + 2
+        n_saved_delta = saved.numel() - tail
+        if n_saved_delta == self._n_delta:
+            self.buffer.copy_(saved)
+        elif n_saved_delta == 0:  # saved by a direct learner: no pending delta
+            self.buffer.zero_()
+            self.buffer[-tail:].copy_(saved)
+        elif self._n_delta == 0 and not bool(saved[:n_saved_delta].any()):
+            self.buffer.copy_(saved[-tail:])
+        else:
+            raise ValueError(f"saved learner buffer has {saved.numel()} entries, this layout "
+                             f"{self.buffer.numel()}: resume with the same world size and local.sync_every")
         self.pending_steps = int(state["pending_steps"])
         self.skipped_updates = int(state["skipped_updates"])
         self.skipped_in_a_row = int(state["skipped_in_a_row"])

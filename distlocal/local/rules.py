@@ -83,6 +83,42 @@ def _flatten_linear(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def correlation_sum(module: nn.Module, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor | None, int]:
+    """``(Σ z xᵀ, Σ z, n)`` over the batch and positions of ``x``/``z`` (already in compute dtype).
+
+    The sums, not the means: chunks of one batch add up exactly (see :meth:`LocalRule.delta`).
+    """
+    has_bias = getattr(module, "bias", None) is not None
+    if isinstance(module, nn.Conv2d):
+        if x.dim() != 4 or z.dim() != 4:
+            raise ValueError(
+                f"Conv2d rule expects 4-D x and z, got {tuple(x.shape)} and {tuple(z.shape)}"
+            )
+        x, padding = _conv_input(module, x)
+        n = z.shape[0] * z.shape[2] * z.shape[3]
+        # The GEMM only reads the weight's shape: an expanded 1-element tensor costs nothing.
+        w_shape = z.new_empty(1).expand(module.weight.shape)
+        corr = torch.ops.aten.convolution_backward(
+            z,
+            x,
+            w_shape,
+            None,
+            list(module.stride),
+            list(padding),
+            list(module.dilation),
+            False,
+            [0, 0],
+            module.groups,
+            (False, True, False),
+        )[1]
+        return corr, (z.sum(dim=(0, 2, 3)) if has_bias else None), n
+    if isinstance(module, nn.Linear):
+        x2 = _flatten_linear(x)
+        z2 = _flatten_linear(z)
+        return z2.t() @ x2, (z2.sum(dim=0) if has_bias else None), z2.shape[0]
+    raise TypeError(f"local rules act on nn.Conv2d and nn.Linear, got {type(module).__name__}")
+
+
 def correlation(module: nn.Module, x: Tensor, z: Tensor) -> Delta:
     """``(⟨z xᵀ⟩, ⟨z⟩)`` for a ``Conv2d`` or ``Linear`` — the rules' one GEMM.
 
@@ -100,59 +136,47 @@ def correlation(module: nn.Module, x: Tensor, z: Tensor) -> Delta:
     dtype = _compute_dtype(x)
     # Autocast would silently run the matmul below in fp16/bf16 again; the delta must be float32.
     with torch.autocast(device_type=x.device.type, enabled=False):
-        x = x.to(dtype)
-        z = z.to(dtype)
-        has_bias = getattr(module, "bias", None) is not None
-        if isinstance(module, nn.Conv2d):
-            if x.dim() != 4 or z.dim() != 4:
-                raise ValueError(
-                    f"Conv2d rule expects 4-D x and z, got {tuple(x.shape)} and {tuple(z.shape)}"
-                )
-            x, padding = _conv_input(module, x)
-            n = z.shape[0] * z.shape[2] * z.shape[3]
-            # The GEMM only reads the weight's shape: an expanded 1-element tensor costs nothing.
-            w_shape = z.new_empty(1).expand(module.weight.shape)
-            corr = torch.ops.aten.convolution_backward(
-                z,
-                x,
-                w_shape,
-                None,
-                list(module.stride),
-                list(padding),
-                list(module.dilation),
-                False,
-                [0, 0],
-                module.groups,
-                (False, True, False),
-            )[1]
-            corr = corr / n
-            corr_b = z.mean(dim=(0, 2, 3)) if has_bias else None
-            return corr, corr_b
-        if isinstance(module, nn.Linear):
-            x2 = _flatten_linear(x)
-            z2 = _flatten_linear(z)
-            n = z2.shape[0]
-            corr = (z2.t() @ x2) / n
-            corr_b = z2.mean(dim=0) if has_bias else None
-            return corr, corr_b
-    raise TypeError(f"local rules act on nn.Conv2d and nn.Linear, got {type(module).__name__}")
+        # ``.to`` of a tensor already in ``dtype`` returns it as is: no copy for fp32 input.
+        corr, corr_b, n = correlation_sum(module, x.to(dtype), z.to(dtype))
+        return corr.div_(n), (corr_b.div_(n) if corr_b is not None else None)
 
 
-def _channel_mean(module: nn.Module, t: Tensor) -> Tensor:
-    """Per-output-channel mean over batch and positions (channel dim 1 for conv, last for linear)."""
+def chunk_rows(x: Tensor, z: Tensor, chunk_bytes: int) -> int:
+    """Samples per chunk so that one chunk's float32 copies of ``x`` and ``z`` fit ``chunk_bytes``.
+
+    What a chunk allocates is at most: ``y`` (softhebb's softmax, ``z``-sized), the up-cast copies
+    of ``x`` and ``z`` under autocast, and the GEMM's own workspace, all proportional to the rows
+    in the chunk; so bounding the rows bounds the rule's temporaries. At least one sample.
+    """
+    per_sample = 4 * (x[0].numel() + z[0].numel()) if x.shape[0] else 1
+    return max(1, int(chunk_bytes) // max(per_sample, 1))
+
+
+def _channel_sum(module: nn.Module, t: Tensor) -> Tensor:
+    """Per-output-channel sum over batch and positions (channel dim 1 for conv, last for linear)."""
     if isinstance(module, nn.Conv2d):
-        return t.mean(dim=(0, 2, 3))
-    return _flatten_linear(t).mean(dim=0)
+        return t.sum(dim=(0, 2, 3))
+    return _flatten_linear(t).sum(dim=0)
 
 
-def _channel_mean_sq(module: nn.Module, z: Tensor) -> Tensor:
-    """Per-output-channel ``⟨z²⟩``; a norm reduction does not materialise ``z²`` (an activation-sized
+def _channel_sum_sq(module: nn.Module, z: Tensor) -> Tensor:
+    """Per-output-channel ``Σ z²``; a norm reduction does not materialise ``z²`` (an activation-sized
     temporary)."""
     if isinstance(module, nn.Conv2d):
-        n = z.shape[0] * z.shape[2] * z.shape[3]
-        return torch.linalg.vector_norm(z, dim=(0, 2, 3)).square() / n
-    z2 = _flatten_linear(z)
-    return torch.linalg.vector_norm(z2, dim=0).square() / z2.shape[0]
+        return torch.linalg.vector_norm(z, dim=(0, 2, 3)).square()
+    return torch.linalg.vector_norm(_flatten_linear(z), dim=0).square()
+
+
+def _softmax_(t: Tensor, dim: int, temperature: float) -> Tensor:
+    """``softmax(t / τ)`` computed in ``t``'s own storage (``t`` is a scratch tensor we own).
+
+    Max-subtracted like ``torch.softmax``; in place, so softhebb's ``y`` is the chunk's only
+    activation-sized temporary besides the GEMM's workspace.
+    """
+    if temperature != 1.0:
+        t.mul_(1.0 / temperature)
+    t.sub_(t.amax(dim=dim, keepdim=True)).exp_()
+    return t.div_(t.sum(dim=dim, keepdim=True))
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
@@ -187,31 +211,60 @@ class LocalRule:
         if not self.temperature > 0:
             raise ConfigError(f"local.temperature must be > 0, got {self.temperature}")
 
-    def delta(self, module: nn.Module, x: Tensor, z: Tensor) -> Delta | None:
+    def delta(self, module: nn.Module, x: Tensor, z: Tensor, chunk: int | None = None) -> Delta | None:
         """``(dW, db)`` for ``module`` from its input ``x`` and output ``z``; ``None`` for freeze.
 
         ``db`` is ``None`` when the module has no bias. Results are float32 (float64 if the input
         is float64), not scaled by η, and may be non-finite — callers check :func:`is_finite`.
         Must be called under ``torch.no_grad()`` (the hooks are); nothing here builds a graph.
+
+        ``chunk``: samples per chunk (``None``: the whole batch at once). Every term is a sum over
+        samples and positions (softhebb's softmax is per position), so the chunks' sums add up to
+        the whole batch's: the result is the same up to summation order, and the rule's
+        temporaries are those of one chunk. ``z`` is never written to (it is the layer's output).
         """
         if self.name == "freeze":
             # Freezing costs nothing: not even the GEMM.
             return None
+        if self.name not in ("hebb", "oja", "softhebb"):
+            raise AssertionError(f"unreachable: rule {self.name!r}")
         dtype = _compute_dtype(x)
+        total = x.shape[0]
+        step = total if chunk is None else max(1, int(chunk))
+        corr_w: Tensor | None = None
+        corr_b: Tensor | None = None
+        scale: Tensor | None = None  # per-channel Σz² (oja) or Σ y·z (softhebb)
+        n = 0
         with torch.autocast(device_type=x.device.type, enabled=False):
-            z = z.to(dtype)
-            if self.name == "hebb":
-                return correlation(module, x, z)
-            if self.name == "oja":
-                return _decay(module, correlation(module, x, z), _channel_mean_sq(module, z), dtype)
-            if self.name == "softhebb":
-                # Soft winner-take-all over *all* output channels at each position, also for grouped
-                # convs: the competition is between the layer's output features, whatever group
-                # their inputs come from.
-                dim = 1 if isinstance(module, nn.Conv2d) else -1
-                y = torch.softmax(z / self.temperature, dim=dim)
-                return _decay(module, correlation(module, x, y), _channel_mean(module, y * z), dtype)
-        raise AssertionError(f"unreachable: rule {self.name!r}")
+            for i in range(0, total, step):
+                xc, zc = x[i: i + step].to(dtype), z[i: i + step].to(dtype)
+                if self.name == "softhebb":
+                    # Soft winner-take-all over *all* output channels at each position, also for
+                    # grouped convs: the competition is between the layer's output features,
+                    # whatever group their inputs come from. ``y`` is a fresh tensor (``zc`` may
+                    # be the layer's output itself, never modified).
+                    dim = 1 if isinstance(module, nn.Conv2d) else -1
+                    y = _softmax_(zc.clone(memory_format=torch.contiguous_format), dim, self.temperature)
+                    cw, cb, m = correlation_sum(module, xc, y)
+                    s = _channel_sum(module, y.mul_(zc))  # y is spent: y·z in place
+                    del y
+                else:
+                    cw, cb, m = correlation_sum(module, xc, zc)
+                    s = _channel_sum_sq(module, zc) if self.name == "oja" else None
+                corr_w = cw if corr_w is None else corr_w.add_(cw)
+                if cb is not None:
+                    corr_b = cb if corr_b is None else corr_b.add_(cb)
+                if s is not None:
+                    scale = s if scale is None else scale.add_(s)
+                n += m
+            if corr_w is None:
+                raise ValueError(f"a local rule needs at least one sample, got x of shape {tuple(x.shape)}")
+            corr_w.div_(n)
+            if corr_b is not None:
+                corr_b.div_(n)
+            if scale is None:  # hebb
+                return corr_w, corr_b
+            return _decay(module, (corr_w, corr_b), scale.div_(n), dtype)
 
     def apply(self, module: nn.Module, dW: Tensor, db: Tensor | None, lr: float) -> None:
         """Write the (possibly rank-averaged) delta into ``module`` in place: ``W += lr·dW``.

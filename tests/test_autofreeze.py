@@ -7,9 +7,8 @@ import io
 import pytest
 import torch
 from test_learner import _batch, _setup
-from test_resume import BASE, _assert_same_run, _rows, _worker
+from test_resume import BASE, _assert_same_run, _cut_mid_epoch_2, _rows, _worker
 
-from distlocal import checkpoint
 from distlocal.config import AutoFreezeConfig
 from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
@@ -115,14 +114,7 @@ def test_resume_mid_epoch_with_auto_freeze_is_exact(tmp_path) -> None:
             "local.auto_freeze.window=5"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     _worker(full, *args)
-    _worker(cut, *args, EXIT_AFTER_EPOCH="2")
-    ckpts = cut / "run" / "checkpoints"
-    (ckpts / "epoch_0002.pt").unlink()
-    newest_mid = max(ckpts.glob("step_*.pt"))
-    (ckpts / "last.pt").write_bytes(newest_mid.read_bytes())
-    lines = (cut / "run" / "metrics.jsonl").read_text().splitlines()
-    (cut / "run" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")
-    assert checkpoint.load(ckpts / "last.pt")["learner"]["auto_freeze"]["frozen"] == [0]
+    assert _cut_mid_epoch_2(cut, *args)["learner"]["auto_freeze"]["frozen"] == [0]
     _worker(cut, *args)
     _assert_same_run(full, cut, entered_mid_epoch=2)
     assert [r["auto_frozen"] for r in _rows(full)[1:]] == [[1], [1, 1], [1, 1, 1]]

@@ -63,11 +63,10 @@ def test_resume_at_epoch_end_is_exact(tmp_path):
     _assert_same_run(full, cut)
 
 
-def test_resume_mid_epoch_is_exact(tmp_path):
-    args = [*BASE, "checkpoint.every_steps=4"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    _worker(full, *args)
-    # Exit after epoch 2 without its epoch-end checkpoint: remove it, so the newest is mid-epoch.
+def _cut_mid_epoch_2(cut, *args) -> dict:
+    """Run ``args`` into ``cut`` as if killed in epoch 2 after its last mid-epoch checkpoint:
+    exit after epoch 2, drop its epoch-end checkpoint and metrics row, point ``last.pt`` at the
+    newest mid-epoch file. Returns that checkpoint."""
     _worker(cut, *args, EXIT_AFTER_EPOCH="2")
     ckpts = cut / "run" / "checkpoints"
     (ckpts / "epoch_0002.pt").unlink()
@@ -75,7 +74,14 @@ def test_resume_mid_epoch_is_exact(tmp_path):
     (ckpts / "last.pt").write_bytes(newest_mid.read_bytes())
     lines = (cut / "run" / "metrics.jsonl").read_text().splitlines()
     (cut / "run" / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if killed before the row
-    assert checkpoint.load(ckpts / "last.pt")["mid_epoch"]
+    return checkpoint.load(ckpts / "last.pt")
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    args = [*BASE, "checkpoint.every_steps=4"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    _worker(full, *args)
+    assert _cut_mid_epoch_2(cut, *args)["mid_epoch"]
     _worker(cut, *args)
     _assert_same_run(full, cut)
 

@@ -307,7 +307,7 @@ class Trainer:
         with prof.phase("data"):
             x, y = next(batches)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        learner.lr = self.cfg.local.lr * self.ws.multiplier
+        learner.lr = self.cfg.local.lr * self.ws.multiplier   # weak supervision scales the local lr
         # One step per epoch (the second) is measured, peak footprint by category and bytes
         # saved for backward, and left out of the timing.
         with prof.footprint((self.model,), (engine.optimizer,), (learner.buffer,)):
@@ -321,7 +321,7 @@ class Trainer:
                     loss = F.cross_entropy(out.float(), y)
             with prof.phase("backward"):                      # optimizer.step is timed apart (hooks)
                 engine.backward_step(loss)                    # suffix grads + their all-reduce
-            self.scheduler.step()
+            self.scheduler.step()                             # the SGD lr moves per step (warm-up, cosine)
             loss_val = float(loss.detach())
             synced = self.sync.step(loss_val)                 # at a sync: the averaged update applied
             if synced.skipped:                                # a non-finite update: lower the local lr

@@ -1,23 +1,28 @@
-"""The training loop: one LoCal+SGD step readable top to bottom.
+"""The training loop: a :class:`Trainer` whose step reads top to bottom.
 
-A step is (DESIGN §3)::
+A step (:meth:`Trainer.train_step`) is::
 
     h = learner.prefix_forward(x)   # local stages, no autograd; hooks accumulate lr * delta
+    sync.launch(step, last)         # decide whether this step syncs (async: start the all-reduce)
     out = engine.forward(h)         # SGD suffix (DDP-wrapped)
     engine.backward_step(loss)      # gradients + all-reduce of the suffix only
-    sync.start(); sync.finish()     # one all-reduce of deltas, BN stats and loss; apply
+    sync.step(loss)                 # one all-reduce of deltas, BN stats and loss; apply
 
-The boundary moves (never back) at epoch starts, decided by the schedule.
+The boundary moves (never back) at epoch starts, decided by the schedule
+(:meth:`Trainer.move_boundary`, also used when a checkpoint is restored).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +31,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distlocal import checkpoint, validation
 from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_eval_loader, build_loaders
-from distlocal.dist.ddp import build_engine
-from distlocal.dist.engine import Engine
+from distlocal.dist.engine import Engine, build_engine
 from distlocal.dist.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from distlocal.dist.sync import DeltaSync, average_buffers
+from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
@@ -96,23 +103,6 @@ def _autocast(env: DistEnv, precision: str):
     return torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, env: DistEnv, precision: str) -> tuple[float, float]:
-    """Test loss and top-1 accuracy (%) over the whole test set, summed across ranks."""
-    model.eval()
-    loss_sum = correct = n = 0.0
-    for x, y in loader:
-        x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        with _autocast(env, precision):
-            out = model(x)
-        loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
-        correct += float((out.argmax(1) == y).sum())
-        n += y.numel()
-    model.train()
-    loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], env)
-    return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
-
-
 EpochHook = Callable[[int, StagedModel, LocalLearner, Engine], None]
 StepHook = Callable[[int, int], None]
 
@@ -167,6 +157,421 @@ def _own_sums(saved: list, saved_world: int, env: DistEnv) -> list[float]:
     return total if env.is_main else [0.0, 0.0]
 
 
+@dataclass
+class Data:
+    """The loaders of a run and how many steps an epoch takes."""
+
+    train: DataLoader
+    test: DataLoader
+    val: DataLoader | None  # data.val_fraction > 0: the held-out split tuning looks at
+    sampler: Any
+    steps_per_epoch: int
+    in_shape: tuple[int, int, int]
+    num_classes: int
+
+
+def build_data(cfg: DictConfig, env: DistEnv) -> Data:
+    """This rank's shard of the training set, the test set (and the validation split, if any)."""
+    tc = cfg.trainer
+    bundle = build_datasets(cfg.data)
+    per_rank = tc.batch_size // env.world_size
+    train_loader, test_loader, sampler = build_loaders(
+        bundle, per_rank, env.rank, env.world_size, tc.seed, cfg.data.num_workers)
+    val_loader = None if bundle.val is None else build_eval_loader(
+        bundle.val, per_rank, env.rank, env.world_size, cfg.data.num_workers)
+    steps = len(train_loader) if tc.max_steps_per_epoch is None else min(
+        len(train_loader), tc.max_steps_per_epoch)
+    return Data(train_loader, test_loader, val_loader, sampler, steps, bundle.in_shape, bundle.num_classes)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is, under the checkpoint's own key names (see :meth:`Trainer.state_dict`).
+
+    ``mid_epoch`` is set while an epoch is in progress: ``step_in_epoch`` of epoch ``epoch`` are
+    done. A fresh run is "epoch -1 finished".
+    """
+
+    epoch: int = -1
+    step_in_epoch: int = 0
+    mid_epoch: bool = False
+    global_step: int = 0
+    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss_sum, n_seen of the epoch
+    boundaries: list[int] = field(default_factory=list)  # the boundary of each epoch run
+    best_acc: float = 0.0
+    acc: float = 0.0
+
+    @property
+    def start_epoch(self) -> int:
+        """The epoch to run next."""
+        return self.epoch if self.mid_epoch else self.epoch + 1
+
+
+class Trainer:
+    """A LoCal+SGD run: its parts, built once by :meth:`build`, and the loop over them.
+
+    The stateful parts (model, learner, engine, LR scheduler, weak supervision, boundary schedule)
+    each save and restore their own ``state_dict``; :meth:`state_dict` gathers them with the loop's
+    counters, the RNG and the transition weights, under the keys checkpoints have always had.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, env: DistEnv, data: Data, model: StagedModel,
+                 learner: LocalLearner, sync: DeltaSync, engine: Engine, scheduler: LRScheduler,
+                 schedule: Any, ws: WeakSupervision, prof: Profiler) -> None:
+        self.cfg, self.run_dir, self.env, self.data = cfg, run_dir, env, data
+        self.model, self.learner, self.sync, self.engine = model, learner, sync, engine
+        self.scheduler, self.schedule, self.ws, self.prof = scheduler, schedule, ws, prof
+        self.loop = LoopState()
+        self.transition: dict[str, torch.Tensor] = {}  # the transition stage's weights at epoch start
+        self._resume_rng: dict[str, Any] | None = None  # restored where the first epoch reaches it
+        self.logger: MetricsLogger | None = None
+        self.on_epoch_end: EpochHook | None = None
+        self.on_step_end: StepHook | None = None
+
+    @classmethod
+    def build(cls, cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> Trainer:
+        """Validate ``cfg``, build every part, resume from the run's checkpoint if asked, open the
+        run directory (rank 0 writes it)."""
+        # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
+        validate(cfg, None if env is None else env.world_size)
+        _warn_unsafe_lr(cfg)
+        env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
+        tc, lc = cfg.trainer, cfg.local
+        seed_everything(tc.seed, tc.deterministic)
+        resume = checkpoint.find_resume(cfg.resume, run_dir)  # every rank reads the same file
+        data = build_data(cfg, env)
+        model = build_model(cfg.model, data.in_shape, data.num_classes).to(env.device)
+        model.train()
+        prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # docs/profiling.md
+        rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature)
+        schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
+        # One process syncing every step has nothing to average or accumulate: no delta buffer.
+        learner = LocalLearner(model, rule, lc.update_every, lc.sample_fraction, lc.chunk_size,
+                               lc.chunk_bytes, direct=env.world_size == 1 and lc.sync_every == 1)
+        learner.auto_freeze = AutoFreeze.from_config(lc.auto_freeze)
+        sync = DeltaSync(learner, env, lc.sync_every, lc.sync_async, lc.sync_dtype, timer=prof.phase)
+        ws = WeakSupervision.from_config(lc.weak_supervision)
+        engine = build_engine(cfg.engine, model, env, tc)
+        scheduler = LambdaLR(engine.optimizer, lr_lambda(tc, data.steps_per_epoch))
+        # The all-SGD reference: a boundary-0 copy behind the run's own engine, optimizer, precision
+        # and loader, a few steps per epoch between the run's (built at the first local epoch).
+        prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc), lambda: iter(data.train),
+                              autocast=lambda: _autocast(env, tc.precision))
+        trainer = cls(cfg, run_dir, env, data, model, learner, sync, engine, scheduler, schedule, ws, prof)
+        if resume is not None:
+            trainer.load_state_dict(resume[1])
+            if env.is_main:
+                print(f"distlocal: resuming from {resume[0]} at epoch {trainer.loop.start_epoch} step "
+                      f"{trainer.loop.step_in_epoch if trainer.loop.mid_epoch else 0} "
+                      f"(saved by world size {resume[1]['world_size']}, now {env.world_size})")
+        trainer.open_run_dir()
+        return trainer
+
+    def open_run_dir(self) -> None:
+        """Rank 0 alone writes the run directory: the config, then the metrics as epochs end."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        tags = [f"mode:{cfg.mode}", f"rule:{self.learner.rule.name}", f"model:{cfg.model}",
+                f"data:{cfg.data.name}", f"engine:{cfg.engine.name}", f"world:{env.world_size}"]
+        # Resuming: the rows of the epochs already done stay, the later ones are written again.
+        self.logger = MetricsLogger(self.run_dir, cfg, enabled=env.is_main, tags=tags,
+                                    keep_epochs_below=self.loop.start_epoch)
+        if env.is_main:
+            print(f"distlocal: run dir {self.run_dir.resolve()} | model {cfg.model} "
+                  f"({self.model.num_stages} stages) | mode {cfg.mode} | data {cfg.data.name} | "
+                  f"world {env.world_size} | device {env.device}")
+
+    # ---------------------------------------------------------------- the boundary
+    def move_boundary(self, target: int, timed: bool = True) -> None:
+        """Move the boundary to ``target`` (never back): the one place it moves, at an epoch start
+        and when a checkpoint is restored. The newly local stages leave the engine, which is
+        rebuilt over the new suffix; weak supervision takes a new reference loss.
+
+        ``timed``: the rebuild counts in the profiler's epoch (not at resume: no epoch has begun,
+        and the time would land in the first epoch's row).
+        """
+        if target <= self.learner.boundary:
+            return
+        with self.prof.phase("rebuild") if timed else contextlib.nullcontext():
+            newly = self.learner.set_boundary(target)
+            self.engine.set_boundary(target, newly)
+        self.ws.reset_reference()
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, step: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One LoCal+SGD step on the next batch: the prefix learns in its forward, the suffix by SGD."""
+        prof, env, learner, engine = self.prof, self.env, self.learner, self.engine
+        prof.step_begin(step)                                 # times a few steps, phase by phase
+        with prof.phase("data"):
+            x, y = next(batches)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+        learner.lr = self.cfg.local.lr * self.ws.multiplier   # weak supervision scales the local lr
+        # One step per epoch (the second) is measured, peak footprint by category and bytes
+        # saved for backward, and left out of the timing.
+        with prof.footprint((self.model,), (engine.optimizer,), (learner.buffer,)):
+            with prof.activations():                          # the same step: bytes saved for backward
+                with prof.phase("prefix"), self.autocast():
+                    h = learner.prefix_forward(x, step)       # local stages: no graph, deltas in hooks
+                # No delta, no sync; with sync_async the all-reduce starts here, overlapping the suffix.
+                self.sync.launch(step, last=step == self.data.steps_per_epoch - 1)
+                with prof.phase("suffix_fwd"), self.autocast():
+                    out = engine.forward(h)
+                    loss = F.cross_entropy(out.float(), y)
+            with prof.phase("backward"):                      # optimizer.step is timed apart (hooks)
+                engine.backward_step(loss)                    # suffix grads + their all-reduce
+            self.scheduler.step()                             # the SGD lr moves per step (warm-up, cosine)
+            loss_val = float(loss.detach())
+            synced = self.sync.step(loss_val)                 # at a sync: the averaged update applied
+            if synced.skipped:                                # a non-finite update: lower the local lr
+                self.ws.backoff()
+            if synced.mean_loss is not None:
+                self.ws.update(synced.mean_loss)
+        sums = self.loop.epoch_sums
+        if math.isfinite(loss_val):
+            sums[0] += loss_val * y.numel()
+        sums[1] += y.numel()
+        self.loop.global_step += 1
+        prof.step_end()
+
+    def autocast(self) -> AbstractContextManager[None]:
+        """Mixed precision as ``trainer.precision`` says (a no-op in fp32)."""
+        return _autocast(self.env, self.cfg.trainer.precision)
+
+    # ---------------------------------------------------------------- one epoch
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """Move the boundary, run the epoch's steps (from a mid-epoch checkpoint's, on resume),
+        evaluate, checkpoint and log; returns the epoch's metrics row."""
+        first = self._begin_epoch(epoch)
+        n = self.data.steps_per_epoch
+        t0 = time.perf_counter()
+        bar = tqdm(total=n, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
+                   disable=not (self.env.is_main and self.cfg.trainer.progress))
+        batches = self._batches(first)
+        for step in range(first, n):
+            self.train_step(step, batches)
+            bar.update(1)
+            self._after_step(epoch, step)
+        bar.close()
+        return self._end_epoch(epoch, first, time.perf_counter() - t0)
+
+    def _begin_epoch(self, epoch: int) -> int:
+        """The epoch's boundary and counters; returns its first step (> 0 resuming mid-epoch)."""
+        loop, learner = self.loop, self.learner
+        resuming_mid = loop.mid_epoch and loop.epoch == epoch
+        first = loop.step_in_epoch if resuming_mid else 0
+        self.engine.reset_comm_stats()                        # before the move: its rebuild is this epoch's
+        self.move_boundary(0 if self.schedule is None else self.schedule.boundary(epoch))
+        if not resuming_mid:  # else: restored with the checkpoint
+            # The transition stage's weights at epoch start, for the selector's u (saved mid-epoch).
+            self.transition = stage_weights(self.model.stages[learner.boundary])
+        loop.boundaries.append(learner.boundary)
+        loop.epoch = epoch
+        self.data.sampler.set_epoch(epoch)
+        self.sync.reset_counters()
+        if first == 0:
+            loop.epoch_sums = [0.0, 0.0]
+        # Timed windows hold whole lever periods: one delta per update_every, one sync per sync_every.
+        lc = self.cfg.local
+        period = math.lcm(lc.update_every, lc.sync_every) if learner.has_local else 1
+        self.prof.epoch_start(self.engine.optimizer, steps=self.data.steps_per_epoch,
+                              boundary=learner.boundary, first=first, period=period,
+                              sync_every=lc.sync_every if learner.has_local else 1)
+        return first
+
+    def _batches(self, first: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from step ``first`` on."""
+        # Resume restores the RNG where the uninterrupted run had it: at an epoch end that is
+        # before the loader's iterator draws its seed; mid-epoch, after the batches already done
+        # (the sampler's order is a function of (seed, epoch) alone, so skipping them is exact).
+        rng, self._resume_rng = self._resume_rng, None
+        if rng is not None and first == 0:
+            _set_rng_state(rng)
+        batches = iter(self.data.train)
+        for _ in range(first):
+            next(batches)
+        if rng is not None and first > 0:
+            _set_rng_state(rng)
+        return batches
+
+    def _after_step(self, epoch: int, step: int) -> None:
+        """Stop on divergence, checkpoint every ``checkpoint.every_steps``, run the step hook."""
+        loop, learner = self.loop, self.learner
+        loop.step_in_epoch, loop.mid_epoch = step + 1, True
+        if learner.skipped_in_a_row > self.cfg.local.max_skipped_in_a_row:
+            self.save_checkpoint()
+            raise TrainingDiverged(
+                f"{learner.skipped_in_a_row} non-finite local updates in a row at epoch {epoch} "
+                f"step {step}; checkpoint saved in {self.run_dir / 'checkpoints'}; "
+                "lower local.lr or trainer.lr and resume")
+        every = self.cfg.checkpoint.every_steps
+        if every and loop.global_step % every == 0 and step + 1 < self.data.steps_per_epoch:
+            self.save_checkpoint()
+        if self.on_step_end is not None:
+            self.on_step_end(epoch, step)
+
+    def _end_epoch(self, epoch: int, first: int, epoch_time: float) -> dict[str, Any]:
+        """Evaluate, select the next boundary, checkpoint, log; returns the metrics row."""
+        average_buffers(self.model, self.env)                 # BN statistics equal on every rank
+        row = self._epoch_row(epoch, first, epoch_time)
+        self.loop.step_in_epoch, self.loop.mid_epoch = self.data.steps_per_epoch, False
+        # Checkpoint before logging: a crash in between re-runs the epoch, never duplicates a row.
+        self.save_checkpoint()
+        self.logger.log(row)
+        if self.env.is_main:
+            print(f"epoch {epoch}: boundary {self.learner.boundary} train_loss {row['train_loss']:.4f} "
+                  f"test_acc {row['test_acc']:.2f}% time {epoch_time:.1f}s")
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(epoch, self.model, self.learner, self.engine)
+        return row
+
+    def _epoch_row(self, epoch: int, first: int, epoch_time: float) -> dict[str, Any]:
+        """The epoch's metrics row (also updates the accuracies and feeds the boundary selector)."""
+        loop, learner, tc, env = self.loop, self.learner, self.cfg.trainer, self.env
+        loss_sum, n_seen = all_reduce_sum(loop.epoch_sums, env)
+        test_loss, loop.acc = self.evaluate(self.data.test)
+        loop.best_acc = max(loop.best_acc, loop.acc)
+        n_steps = self.data.steps_per_epoch - first
+        learns = learner.has_local and learner.rule.name != "freeze"
+        row: dict[str, Any] = {
+            "epoch": epoch, "train_loss": loss_sum / max(n_seen, 1), "test_loss": test_loss,
+            "test_acc": loop.acc,
+            "epoch_time_s": epoch_time, "samples_per_s": n_steps * tc.batch_size / max(epoch_time, 1e-9),
+            "step_time_s": epoch_time / max(n_steps, 1),
+            "lr": self.scheduler.get_last_lr()[0], "boundary": learner.boundary,
+            "local_lr": self.cfg.local.lr * self.ws.multiplier if learns else 0.0,
+            "skipped_updates": learner.skipped_updates,
+            "ws_multiplier": self.ws.multiplier, "ws_backoffs": self.ws.backoffs,
+            **self.engine.comm_stats(),                       # rebuild_ms, grad_allreduce_bytes
+            "delta_sync_bytes": self.sync.bytes_sent / max(n_steps, 1),
+            "sync_ms": 1e3 * self.sync.seconds,
+        }
+        if self.data.val is not None:
+            row["val_loss"], row["val_acc"] = self.evaluate(self.data.val)
+        if learns:
+            row["auto_frozen"] = learner.auto_freeze.flags(learner.boundary)  # per local stage, 1 = frozen
+        if self.schedule is not None:
+            u = relative_update(self.transition, stage_weights(self.model.stages[learner.boundary]))
+            decision = self.schedule.observe(epoch, u)
+            row["u"] = u
+            if isinstance(self.schedule, DynamicSelector):
+                row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
+        # step_time_s becomes the mean timed step
+        row.update(self.prof.epoch_end(learner.boundary, self.engine.optimizer))
+        drift = learner.drift()
+        if drift:
+            row["drift_max"] = max(drift.values())
+            row["drift_mean"] = sum(drift.values()) / len(drift)
+        return row
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader) -> tuple[float, float]:
+        """Loss and top-1 accuracy (%) over the whole of ``loader``'s set, summed across ranks."""
+        model, env = self.model, self.env
+        model.eval()
+        loss_sum = correct = n = 0.0
+        for x, y in loader:
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            with self.autocast():
+                out = model(x)
+            loss_sum += float(F.cross_entropy(out.float(), y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            n += y.numel()
+        model.train()
+        loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], env)
+        return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _parts(self) -> dict[str, Any]:
+        """The stateful parts by checkpoint key, in restore order (``None``: absent in this run)."""
+        return {"model": self.model, "learner": self.learner, "engine": self.engine,
+                "scheduler": self.scheduler, "weak_supervision": self.ws, "schedule": self.schedule}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole run's state: every part's ``state_dict``, the loop, the RNG, the transition weights.
+
+        A collective: every rank calls it (DeepSpeed ZeRO 1/2 gathers the engine's state, and the
+        ranks' sums of the epoch in progress are gathered).
+        """
+        state = {name: None if part is None else part.state_dict() for name, part in self._parts().items()}
+        loop = asdict(self.loop)
+        loop["epoch_sums"] = _gather_sums(loop["epoch_sums"], self.env) if loop["mid_epoch"] \
+            else [loop["epoch_sums"]]
+        state.update(loop)
+        state.update(boundary=self.learner.boundary, world_size=self.env.world_size, rng=_rng_state(),
+                     transition=self.transition if self.loop.mid_epoch else None)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output: the boundary first (it rebuilds the learner's hooks
+        and the engine), then each part's state, then the loop (the epoch in progress re-runs from
+        its saved step with this rank's share of the saved sums)."""
+        missing = [k for k in (*self._parts(), *(f.name for f in fields(LoopState)), "boundary", "world_size",
+                               "rng", "transition") if k not in state]
+        if missing:
+            raise ConfigError(f"the checkpoint lacks {', '.join(missing)}: it was not written by this "
+                              "version of distlocal; start a new run directory or resume from another "
+                              "checkpoint")
+        self.move_boundary(state["boundary"], timed=False)
+        # After the rebuild: under bf16/fp16 DeepSpeed re-casts newly local weights from its masters.
+        for name, part in self._parts().items():
+            if part is not None and state[name] is not None:
+                part.load_state_dict(state[name])
+        self.loop = LoopState(**{f.name: state[f.name] for f in fields(LoopState)})
+        self.loop.boundaries = list(self.loop.boundaries)
+        if self.loop.mid_epoch:
+            self.loop.epoch_sums = _own_sums(state["epoch_sums"], state["world_size"], self.env)
+            self.loop.boundaries = self.loop.boundaries[:-1]  # the epoch in progress re-records its boundary
+            self.transition = state["transition"]
+        self._resume_rng = state["rng"]
+
+    def save_checkpoint(self) -> None:
+        """Write :meth:`state_dict` from rank 0 (every rank calls it); a failed write stops every rank."""
+        if not self.cfg.checkpoint.enabled:
+            return
+        state = self.state_dict()
+        error = None
+        if self.env.is_main:
+            try:
+                checkpoint.save(self.run_dir / "checkpoints", state, keep=self.cfg.checkpoint.keep)
+            except checkpoint.CheckpointError as exc:  # disk full, I/O error: last.pt is the previous one
+                error = str(exc)
+        # Every rank learns the outcome, so a failed write stops them all with rank 0's one line
+        # instead of leaving the others waiting in the next collective until the timeout.
+        if self.env.distributed:
+            error = broadcast_object(error, self.env)
+        if error is not None:
+            raise checkpoint.CheckpointError(error)
+
+    # ---------------------------------------------------------------- the run
+    def fit(self, started_at: float | None = None) -> dict[str, Any]:
+        """Run the remaining epochs; returns the run summary (also written by the logger).
+
+        ``started_at``: the ``time.perf_counter()`` the end-to-end time counts from (default: now).
+        """
+        t_start = time.perf_counter() if started_at is None else started_at
+        row: dict[str, Any] | None = None  # the last epoch's row: the summary's headline
+        for epoch in range(self.loop.start_epoch, self.cfg.trainer.epochs):
+            row = self.run_epoch(epoch)
+        self.learner.remove_hooks()
+        self.prof.close()
+        end_to_end = time.perf_counter() - t_start
+        # The headline first (end-to-end, speedup, footprint, activations, bytes per step), then the rest.
+        summary = self.prof.summary(end_to_end_s=end_to_end, last_row=row) or {"end_to_end_s": end_to_end}
+        summary.update({
+            "final_test_acc": self.loop.acc, "best_test_acc": self.loop.best_acc,
+            "final_boundary": self.learner.boundary, "boundary_per_epoch": self.loop.boundaries,
+            "world_size": self.env.world_size, "mode": self.cfg.mode, "rule": self.learner.rule.name,
+        })
+        if summary.get("speedup") is not None or "footprint_bytes" in summary:
+            summary["headline"] = headline(summary)
+        self.logger.finish(summary)
+        if self.env.is_main and "headline" in summary:
+            print(summary["headline"], flush=True)  # the run's last line
+        return summary
+
+
 def train(
     cfg: DictConfig,
     run_dir: Path,
@@ -180,265 +585,7 @@ def train(
     checkpoint and metrics; ``on_step_end(epoch, step)`` after every step (tests use them to
     compare replicas and to inject faults).
     """
-    # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
-    validate(cfg, None if env is None else env.world_size)
-    _warn_unsafe_lr(cfg)
     t_start = time.perf_counter()
-    env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
-    tc = cfg.trainer
-    seed_everything(tc.seed, tc.deterministic)
-    resume = checkpoint.find_resume(cfg.resume, run_dir)  # every rank reads the same file
-
-    # ---- data, model, local learning machinery -------------------------------------------
-    bundle = build_datasets(cfg.data)
-    train_loader, test_loader, sampler = build_loaders(
-        bundle, tc.batch_size // env.world_size, env.rank, env.world_size, tc.seed, cfg.data.num_workers)
-    val_loader = None if bundle.val is None else build_eval_loader(
-        bundle.val, tc.batch_size // env.world_size, env.rank, env.world_size, cfg.data.num_workers)
-    model = build_model(cfg.model, bundle.in_shape, bundle.num_classes).to(env.device)
-    model.train()
-    rule = make_rule("freeze" if cfg.mode == "freeze" else cfg.local.rule, temperature=cfg.local.temperature)
-    schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
-    # One process syncing every step has nothing to average or accumulate: no delta buffer.
-    learner = LocalLearner(model, rule, cfg.local.update_every, cfg.local.sample_fraction,
-                           cfg.local.chunk_size, cfg.local.chunk_bytes,
-                           direct=env.world_size == 1 and cfg.local.sync_every == 1)
-    learner.auto_freeze = AutoFreeze.from_config(cfg.local.auto_freeze)
-    sync = DeltaSync(learner, env, cfg.local.sync_every, cfg.local.sync_async, cfg.local.sync_dtype)
-    ws = WeakSupervision.from_config(cfg.local.weak_supervision)
-    engine = build_engine(cfg.engine, model, env, tc)
-    steps_per_epoch = len(train_loader) if tc.max_steps_per_epoch is None else min(
-        len(train_loader), tc.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(engine.optimizer, lr_lambda(tc, steps_per_epoch))
-    prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # docs/profiling.md
-    # The all-SGD reference: a boundary-0 copy behind the run's own engine, optimizer, precision
-    # and loader, a few steps per epoch between the run's (built at the first local epoch).
-    prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc), lambda: iter(train_loader),
-                          autocast=lambda: _autocast(env, tc.precision))
-
-    # ---- resume: the LoCal state first (boundary, hooks, engine), then the values --------
-    start_epoch, start_step, global_step = 0, 0, 0
-    best_acc, acc, boundaries = 0.0, 0.0, []
-    epoch_sums = [0.0, 0.0]  # loss_sum, n_seen of the epoch in progress (mid-epoch resume)
-    transition: dict[str, torch.Tensor] = {}
-    if resume is not None:
-        path, st = resume
-        if st["boundary"] > 0:
-            engine.set_boundary(st["boundary"], learner.set_boundary(st["boundary"]))
-        # After the rebuild: under bf16/fp16 DeepSpeed re-casts newly local weights from its masters.
-        model.load_state_dict(st["model"])
-        learner.load_state_dict(st["learner"])
-        engine.load_state_dict(st["engine"])
-        scheduler.load_state_dict(st["scheduler"])
-        ws.load_state_dict(st["weak_supervision"])
-        if schedule is not None and st["schedule"] is not None:
-            schedule.load_state_dict(st["schedule"])
-        best_acc, acc, boundaries = st["best_acc"], st["acc"], list(st["boundaries"])
-        global_step = st["global_step"]
-        if st["mid_epoch"]:
-            start_epoch, start_step = st["epoch"], st["step_in_epoch"]
-            epoch_sums = _own_sums(st["epoch_sums"], st["world_size"], env)
-            boundaries = boundaries[:-1]  # the epoch in progress re-records its boundary
-        else:
-            start_epoch = st["epoch"] + 1
-        if env.is_main:
-            print(f"distlocal: resuming from {path} at epoch {start_epoch} step {start_step} "
-                  f"(saved by world size {st['world_size']}, now {env.world_size})")
-
-    def save_checkpoint(epoch: int, step_in_epoch: int, mid_epoch: bool) -> None:
-        if not cfg.checkpoint.enabled:
-            return
-        engine_state = engine.state_dict()  # a collective under DeepSpeed ZeRO 1/2: every rank
-        sums = _gather_sums(epoch_sums, env) if mid_epoch else [list(epoch_sums)]  # a collective too
-        error = None
-        if env.is_main:
-            try:
-                checkpoint.save(run_dir / "checkpoints", {
-                    "model": model.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                    "mid_epoch": mid_epoch, "global_step": global_step, "epoch_sums": sums,
-                    "boundary": learner.boundary, "boundaries": list(boundaries),
-                    "learner": learner.state_dict(),
-                    "engine": engine_state, "scheduler": scheduler.state_dict(),
-                    "weak_supervision": ws.state_dict(),
-                    "schedule": schedule.state_dict() if schedule is not None else None,
-                    "best_acc": best_acc, "acc": acc, "world_size": env.world_size, "rng": _rng_state(),
-                    "transition": transition if mid_epoch else None,
-                }, keep=cfg.checkpoint.keep)
-            except checkpoint.CheckpointError as exc:  # disk full, I/O error: last.pt is the previous one
-                error = str(exc)
-        # Every rank learns the outcome, so a failed write stops them all with rank 0's one line
-        # instead of leaving the others waiting in the next collective until the timeout.
-        if env.distributed:
-            error = broadcast_object(error, env)
-        if error is not None:
-            raise checkpoint.CheckpointError(error)
-
-    # ---- run directory: rank 0 alone writes it ---------------------------------------------
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    tags = [f"mode:{cfg.mode}", f"rule:{rule.name}", f"model:{cfg.model}", f"data:{cfg.data.name}",
-            f"engine:{cfg.engine.name}", f"world:{env.world_size}"]
-    logger = MetricsLogger(run_dir, cfg, enabled=env.is_main, tags=tags,
-                           keep_epochs_below=start_epoch if resume is not None else 0)
-    if env.is_main:
-        print(f"distlocal: run dir {run_dir.resolve()} | model {cfg.model} ({model.num_stages} stages) | "
-              f"mode {cfg.mode} | data {cfg.data.name} | world {env.world_size} | device {env.device}")
-
-    row: dict[str, Any] | None = None  # the last epoch's row: the summary's headline
-    for epoch in range(start_epoch, tc.epochs):
-        # ---- move the boundary (epoch start, never back) ------------------------------------
-        n_rebuilds = len(engine.rebuild_ms)
-        target = 0 if schedule is None else schedule.boundary(epoch)
-        if target > learner.boundary:
-            with prof.phase("rebuild"):
-                newly = learner.set_boundary(target)
-                engine.set_boundary(target, newly)
-            ws.reset_reference()
-        # The transition stage's weights at epoch start, for the selector's u (saved mid-epoch).
-        transition = stage_weights(model.stages[learner.boundary])
-        if resume is not None and epoch == start_epoch and resume[1]["mid_epoch"]:
-            transition = resume[1]["transition"]
-        boundaries.append(learner.boundary)
-
-        sampler.set_epoch(epoch)
-        sync.reset_counters()
-        engine.grad_allreduce_bytes = engine.grad_allreduce_steps = 0
-        first = start_step if epoch == start_epoch else 0
-        if first == 0:
-            epoch_sums = [0.0, 0.0]
-        # Timed windows hold whole lever periods: one delta per update_every, one sync per sync_every.
-        period = math.lcm(cfg.local.update_every, cfg.local.sync_every) if learner.has_local else 1
-        prof.epoch_start(engine.optimizer, steps=steps_per_epoch, boundary=learner.boundary, first=first,
-                         period=period, sync_every=cfg.local.sync_every if learner.has_local else 1)
-        t0 = time.perf_counter()
-        bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
-                   disable=not (env.is_main and tc.progress))
-        # Resume restores the RNG where the uninterrupted run had it: at an epoch end that is
-        # before the loader's iterator draws its seed; mid-epoch, after the batches already done
-        # (the sampler's order is a function of (seed, epoch) alone, so skipping them is exact).
-        resuming_here = resume is not None and epoch == start_epoch
-        if resuming_here and first == 0:
-            _set_rng_state(resume[1]["rng"])
-        batches = iter(train_loader)
-        for _ in range(first):
-            next(batches)
-        if resuming_here and first > 0:
-            _set_rng_state(resume[1]["rng"])
-        for step in range(first, steps_per_epoch):
-            prof.step_begin(step)                             # times a few steps, phase by phase
-            with prof.phase("data"):
-                x, y = next(batches)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-            learner.lr = cfg.local.lr * ws.multiplier
-            # One step per epoch (the second) is measured, peak footprint by category and bytes
-            # saved for backward, and left out of the timing.
-            with prof.footprint((model,), (engine.optimizer,), (learner.buffer,)):
-                with prof.activations():                  # the same step: bytes saved for backward
-                    with prof.phase("prefix"), _autocast(env, tc.precision):
-                        h = learner.prefix_forward(x, step)  # local stages: no graph, deltas in hooks
-                    sync_now = sync.due(step, last=step == steps_per_epoch - 1)  # no delta, no sync
-                    if sync_now and cfg.local.sync_async:
-                        with prof.phase("sync"):
-                            sync.start()                      # overlaps the suffix below
-                    with prof.phase("suffix_fwd"), _autocast(env, tc.precision):
-                        out = engine.forward(h)
-                        loss = F.cross_entropy(out.float(), y)
-                with prof.phase("backward"):                  # optimizer.step is timed apart (hooks)
-                    engine.backward_step(loss)                # suffix grads + their all-reduce
-                scheduler.step()
-                loss_val = float(loss.detach())
-                if not cfg.local.sync_async:
-                    learner.add_loss(loss_val)
-                if sync_now:
-                    skipped_before = learner.skipped_updates
-                    with prof.phase("sync"):
-                        if not cfg.local.sync_async:
-                            sync.start()
-                        mean_loss = sync.finish()             # identical on every rank
-                    if learner.skipped_updates > skipped_before:
-                        ws.backoff()
-                    if mean_loss is not None:
-                        ws.update(mean_loss)
-                if cfg.local.sync_async:
-                    learner.add_loss(loss_val)                # the buffer is free again
-            if math.isfinite(loss_val):
-                epoch_sums[0] += loss_val * y.numel()
-            epoch_sums[1] += y.numel()
-            global_step += 1
-            prof.step_end()
-            bar.update(1)
-            if learner.skipped_in_a_row > cfg.local.max_skipped_in_a_row:
-                save_checkpoint(epoch, step + 1, mid_epoch=True)
-                raise TrainingDiverged(
-                    f"{learner.skipped_in_a_row} non-finite local updates in a row at epoch {epoch} "
-                    f"step {step}; checkpoint saved in {run_dir / 'checkpoints'}; "
-                    "lower local.lr or trainer.lr and resume")
-            every = cfg.checkpoint.every_steps
-            if every and global_step % every == 0 and step + 1 < steps_per_epoch:
-                save_checkpoint(epoch, step + 1, mid_epoch=True)
-            if on_step_end is not None:
-                on_step_end(epoch, step)
-        bar.close()
-        epoch_time = time.perf_counter() - t0
-
-        # ---- end of epoch: evaluate, select, checkpoint, log -------------------------------
-        average_buffers(model, env)                           # BN statistics equal on every rank
-        loss_sum, n_seen = all_reduce_sum(epoch_sums, env)
-        train_loss = loss_sum / max(n_seen, 1)
-        test_loss, acc = evaluate(model, test_loader, env, tc.precision)
-        best_acc = max(best_acc, acc)
-        n_steps = steps_per_epoch - first
-        row: dict[str, Any] = {
-            "epoch": epoch, "train_loss": train_loss, "test_loss": test_loss, "test_acc": acc,
-            "epoch_time_s": epoch_time, "samples_per_s": n_steps * tc.batch_size / max(epoch_time, 1e-9),
-            "step_time_s": epoch_time / max(n_steps, 1),
-            "lr": scheduler.get_last_lr()[0], "boundary": learner.boundary,
-            "local_lr": cfg.local.lr * ws.multiplier if learner.has_local and rule.name != "freeze" else 0.0,
-            "skipped_updates": learner.skipped_updates,
-            "ws_multiplier": ws.multiplier, "ws_backoffs": ws.backoffs,
-            "rebuild_ms": sum(engine.rebuild_ms[n_rebuilds:]),
-            "grad_allreduce_bytes": engine.grad_allreduce_bytes / max(engine.grad_allreduce_steps, 1),
-            "delta_sync_bytes": sync.bytes_sent / max(n_steps, 1),
-            "sync_ms": 1e3 * sync.seconds,
-        }
-        if val_loader is not None:  # data.val_fraction > 0: the held-out split tuning looks at
-            row["val_loss"], row["val_acc"] = evaluate(model, val_loader, env, tc.precision)
-        if learner.has_local and rule.name != "freeze":
-            row["auto_frozen"] = learner.auto_freeze.flags(learner.boundary)  # per local stage, 1 = frozen
-        if schedule is not None:
-            u = relative_update(transition, stage_weights(model.stages[learner.boundary]))
-            decision = schedule.observe(epoch, u)
-            row["u"] = u
-            if isinstance(schedule, DynamicSelector):
-                row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
-        row.update(prof.epoch_end(learner.boundary, engine.optimizer))  # step_time_s: mean timed step
-        drift = learner.drift()
-        if drift:
-            row["drift_max"] = max(drift.values())
-            row["drift_mean"] = sum(drift.values()) / len(drift)
-        # Checkpoint before logging: a crash in between re-runs the epoch, never duplicates a row.
-        save_checkpoint(epoch, steps_per_epoch, mid_epoch=False)
-        logger.log(row)
-        if env.is_main:
-            print(f"epoch {epoch}: boundary {learner.boundary} train_loss {train_loss:.4f} "
-                  f"test_acc {acc:.2f}% time {epoch_time:.1f}s")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, model, learner, engine)
-
-    learner.remove_hooks()
-    prof.close()
-    end_to_end = time.perf_counter() - t_start
-    # The headline first (end-to-end, speedup, footprint, activations, bytes per step), then the rest.
-    summary = prof.summary(end_to_end_s=end_to_end, last_row=row) or {"end_to_end_s": end_to_end}
-    summary.update({
-        "final_test_acc": acc, "best_test_acc": best_acc, "final_boundary": learner.boundary,
-        "boundary_per_epoch": boundaries,
-        "world_size": env.world_size, "mode": cfg.mode, "rule": rule.name,
-    })
-    if summary.get("speedup") is not None or "footprint_bytes" in summary:
-        summary["headline"] = headline(summary)
-    logger.finish(summary)
-    if env.is_main and "headline" in summary:
-        print(summary["headline"], flush=True)  # the run's last line
-    return summary
+    trainer = Trainer.build(cfg, run_dir, env)
+    trainer.on_epoch_end, trainer.on_step_end = on_epoch_end, on_step_end
+    return trainer.fit(started_at=t_start)

@@ -55,3 +55,25 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
         f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     )
     return proc
+
+
+class _OneRankGroupEnv:
+    """Stand-in for :class:`distlocal.dist.env.DistEnv` on a 1-rank process group that still takes the
+    multi-rank code paths (``distributed`` is true): the all-reduces run, over one rank."""
+
+    rank, world_size, local_rank, is_main, distributed = 0, 1, 0, True, True
+    device = __import__("torch").device("cpu")
+
+
+@pytest.fixture
+def one_rank_group() -> _OneRankGroupEnv:
+    """A 1-rank gloo process group in this process (in-memory store), destroyed afterwards."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()  # an in-process DeepSpeed test may have made one already
+    if owned:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
+    yield _OneRankGroupEnv()
+    if owned:
+        dist.destroy_process_group()

@@ -84,16 +84,3 @@ class DDPEngine(Engine):
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
-
-def build_engine(cfg, model: StagedModel, env: DistEnv, trainer_cfg: TrainerConfig) -> Engine:
-    """The engine named by ``engine=``."""
-    from distlocal.errors import ConfigError
-
-    if cfg.name == "ddp":
-        return DDPEngine(model, env, trainer_cfg, cfg)
-    if cfg.name == "deepspeed":
-        # Imported here: DDP runs need no deepspeed install.
-        from distlocal.dist.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, env, trainer_cfg, cfg)
-    raise ConfigError(f"unknown engine '{cfg.name}'; valid: ddp, deepspeed")

@@ -47,9 +47,22 @@ class Engine(ABC):
         self.env = env
         self.trainer_cfg = trainer_cfg
         self.boundary = 0
-        self.rebuild_ms: list[float] = []
+        self.rebuild_ms: list[float] = []  # every rebuild of the run, in order
         self.grad_allreduce_bytes = 0  # counted by the engine's communication hook
         self.grad_allreduce_steps = 0
+        self._rebuilds_counted = 0  # rebuild_ms entries before the last reset_comm_stats
+
+    def reset_comm_stats(self) -> None:
+        """Start a new count for :meth:`comm_stats` (the trainer calls it at each epoch start)."""
+        self.grad_allreduce_bytes = self.grad_allreduce_steps = 0
+        self._rebuilds_counted = len(self.rebuild_ms)
+
+    def comm_stats(self) -> dict[str, float]:
+        """Since the last :meth:`reset_comm_stats`: the gradient all-reduce bytes per step and the
+        milliseconds spent rebuilding the engine (the metrics row's ``grad_allreduce_bytes`` and
+        ``rebuild_ms``)."""
+        return {"rebuild_ms": sum(self.rebuild_ms[self._rebuilds_counted:]),
+                "grad_allreduce_bytes": self.grad_allreduce_bytes / max(self.grad_allreduce_steps, 1)}
 
     def suffix_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the suffix ``stages[boundary:]``."""
@@ -78,3 +91,17 @@ class Engine(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def build_engine(cfg, model: StagedModel, env: DistEnv, trainer_cfg: TrainerConfig) -> Engine:
+    """The engine named by ``engine=`` (``cfg`` is the ``engine`` config group)."""
+    # Imported here: the engines import this module, and DDP runs need no deepspeed install.
+    if cfg.name == "ddp":
+        from distlocal.dist.ddp import DDPEngine
+
+        return DDPEngine(model, env, trainer_cfg, cfg)
+    if cfg.name == "deepspeed":
+        from distlocal.dist.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, env, trainer_cfg, cfg)
+    raise ConfigError(f"unknown engine '{cfg.name}'; valid: ddp, deepspeed")

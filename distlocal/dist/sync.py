@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,13 +18,20 @@ from distlocal.local.learner import LocalLearner
 SYNC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+class SyncResult(NamedTuple):
+    """What a step learns from :meth:`DeltaSync.step`."""
+
+    mean_loss: float | None  # the rank-averaged loss of the synced period; None: no sync or no loss
+    skipped: bool  # the sync's update was non-finite and not applied (weak supervision backs off)
+
+
 class DeltaSync:
     """Every ``sync_every`` steps, average the learner's buffer across ranks and apply it.
 
     The buffer holds the accumulated ``lr * delta`` of every local layer, the running statistics
-    of the prefix BatchNorm layers and the loss of the steps since the last sync; one
-    ``all_reduce(AVG)`` makes them identical on every rank, so the replicas stay equal without
-    the prefix ever entering the gradient all-reduce. With ``sync_async`` the all-reduce is
+    of the prefix BatchNorm layers and the loss of the steps since the last sync; one all-reduce
+    (a sum, then the learner divides by the world size) makes them identical on every rank, so the
+    replicas stay equal without the prefix ever entering the gradient all-reduce. With ``sync_async`` the all-reduce is
     launched right after the prefix forward and awaited only before the deltas are applied, so
     it overlaps the suffix's forward and backward.
 
@@ -33,10 +44,14 @@ class DeltaSync:
     statistics and the loss slots stay float32, in a second, small all-reduce). Every rank then
     applies the same bf16-rounded average, so the replicas stay identical to each other; they
     differ from an fp32 run by the rounding (docs/profiling.md gives the measured drift).
+
+    A step calls :meth:`launch` after the prefix forward and :meth:`step` after the backward;
+    ``timer(name)`` (the profiler's ``phase``) times the all-reduce and the apply as ``"sync"``.
     """
 
     def __init__(self, learner: LocalLearner, env: DistEnv, sync_every: int = 1, sync_async: bool = False,
-                 sync_dtype: str = "fp32"):
+                 sync_dtype: str = "fp32",
+                 timer: Callable[[str], AbstractContextManager[None]] = lambda name: contextlib.nullcontext()):
         if sync_every < 1:
             raise ValueError("local.sync_every must be >= 1")
         if sync_dtype not in SYNC_DTYPES:
@@ -46,6 +61,8 @@ class DeltaSync:
         self.env = env
         self.sync_every = sync_every
         self.sync_async = sync_async
+        self.timer = timer
+        self._due_now = False  # launch() decided that this step syncs
         self._works: list[dist.Work] = []
         self._low: torch.Tensor | None = None  # the bf16 copy of the delta part in flight
         self.bytes_sent = 0
@@ -60,6 +77,35 @@ class DeltaSync:
         """Whether to sync after step ``step``: at the end of a sync period (or the epoch's ``last``
         step) in which a delta was computed; asked after the prefix forward."""
         return self.learner.has_local and self.learner.delta_pending and (self.is_sync_step(step) or last)
+
+    def launch(self, step: int, last: bool) -> None:
+        """After the prefix forward of step ``step``: decide whether this step syncs (a delta was
+        computed in this period, see :meth:`due`); with ``sync_async`` start the all-reduce now, so
+        it overlaps the suffix's forward and backward."""
+        self._due_now = self.due(step, last)
+        if self._due_now and self.sync_async:
+            with self.timer("sync"):
+                self.start()
+
+    def step(self, loss: float) -> SyncResult:
+        """After the backward: record the step's ``loss`` in the buffer and, if :meth:`launch` said
+        so, finish the sync (start it first when not async) and apply the averaged update."""
+        # The loss rides in the buffer's loss slots; an async all-reduce holds the buffer until
+        # finish(), so its loss goes in afterwards and counts towards the next period.
+        if not self.sync_async:
+            self.learner.add_loss(loss)
+        result = SyncResult(None, False)
+        if self._due_now:
+            skipped_before = self.learner.skipped_updates
+            with self.timer("sync"):
+                if not self.sync_async:
+                    self.start()
+                mean_loss = self.finish()  # identical on every rank
+            result = SyncResult(mean_loss, self.learner.skipped_updates > skipped_before)
+            self._due_now = False
+        if self.sync_async:
+            self.learner.add_loss(loss)  # the buffer is free again
+        return result
 
     def start(self) -> None:
         """Pack the BN statistics and launch the all-reduce (async or not)."""
@@ -92,11 +138,8 @@ class DeltaSync:
             for work in self._works:
                 work.wait()
             self._works = []
-            if self._low is not None:
-                self.learner.buffer[: self._low.numel()].copy_(self._low)
-                self._low = None
-            # gloo has no AVG op: sum, then divide (the same on every rank, so still identical).
-            self.learner.buffer.div_(self.env.world_size)
+            self.learner.average(self.env.world_size, self._low)
+            self._low = None
             self.seconds += time.perf_counter() - t0
         return self.learner.apply()
 

@@ -243,6 +243,17 @@ class LocalLearner:
                 self.buffer[off: off + t.numel()].copy_(t.reshape(-1))
                 off += t.numel()
 
+    def average(self, world_size: int, low: torch.Tensor | None = None) -> None:
+        """Turn the buffer's all-reduced sum into the mean over ``world_size`` ranks.
+
+        ``low`` is the delta part as it was reduced in a lower precision (``local.sync_dtype``);
+        it is copied back into the buffer first, so every rank applies the same rounded mean.
+        """
+        if low is not None:
+            self.buffer[: low.numel()].copy_(low)
+        # gloo has no AVG op: the ranks sum, then divide (the same on every rank, so still identical).
+        self.buffer.div_(world_size)
+
     def apply(self) -> float | None:
         """Apply the (rank-averaged) buffer: deltas to weights, stats back to BatchNorm.
 

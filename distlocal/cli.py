@@ -107,7 +107,7 @@ def agreed_run_dir(argv: list[str], cfg: DictConfig | None) -> list[str]:
         return argv
     if cfg is None:  # multirun, --cfg, --help: no single run directory to agree on
         return argv
-    from distlocal.dist.env import broadcast_object, init_distributed
+    from distlocal.parallel.env import broadcast_object, init_distributed
 
     env = init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")

@@ -77,7 +77,7 @@ class DataConfig:
 
 @dataclass
 class WeakSupervisionConfig:
-    """The local learning rate driven by the training loss (DESIGN §2; rule in docs/local-rules.md)."""
+    """The local learning rate driven by the training loss (docs/local-rules.md, "Weak supervision")."""
 
     enabled: bool = True
     window: int = 50

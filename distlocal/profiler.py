@@ -289,7 +289,7 @@ def train_step(
     ``learner=None`` (or a learner at boundary 0) it is a plain all-SGD step of ``model``.
     ``counter``, if given, is active over the forward and loss only. Returns the detached loss.
     ``sync_every``: the deltas are applied after steps ``k·sync_every − 1`` that computed one, as
-    :meth:`distlocal.dist.sync.DeltaSync.due` decides in the trainer (a step without a delta has
+    :meth:`distlocal.parallel.sync.DeltaSync.due` decides in the trainer (a step without a delta has
     nothing to apply on one process).
     """
     ctx = autocast or contextlib.nullcontext

@@ -38,17 +38,17 @@ from tqdm import tqdm
 from distlocal import checkpoint, validation
 from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_eval_loader, build_loaders
-from distlocal.dist.engine import Engine, build_engine
-from distlocal.dist.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
-from distlocal.dist.sync import DeltaSync, average_buffers
 from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import make_rule
+from distlocal.local.rules import SAFE_LOCAL_LR, make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.metrics import MetricsLogger
 from distlocal.models import StagedModel, build_model
+from distlocal.parallel.engine import Engine, build_engine
+from distlocal.parallel.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
+from distlocal.parallel.sync import DeltaSync, average_buffers
 from distlocal.profiler import Profiler, headline
 
 
@@ -87,11 +87,15 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     validation.validate(cfg, world_size)
 
 
-# local.lr above which a rule lost accuracy in our measurements (docs/local-rules.md).
-SAFE_LOCAL_LR = {"hebb": 1e-4, "oja": 1e-4, "softhebb": 5e-3}
-
-
-def _warn_unsafe_lr(cfg: DictConfig) -> None:
+def _warn_and_alias(cfg: DictConfig) -> None:
+    """Warnings that do not stop a run. ``mode=freeze`` is the one spelling of the freezing
+    baseline; ``mode=local local.rule=freeze`` is kept as an alias that warns and runs as
+    ``mode=freeze`` (so tags, summary and config.yaml say ``freeze``). A ``local.lr`` above the
+    measured safe range of its rule warns too."""
+    if cfg.mode == "local" and cfg.local.rule == "freeze":
+        warnings.warn("distlocal: local.rule=freeze is the layer-freezing baseline, spelled mode=freeze; "
+                      "running as mode=freeze", stacklevel=3)
+        cfg.mode = "freeze"
     limit = SAFE_LOCAL_LR.get(cfg.local.rule)
     if cfg.mode == "local" and limit is not None and cfg.local.lr > limit:
         warnings.warn(f"distlocal: local.lr={cfg.local.lr} is above the measured safe range for "
@@ -234,7 +238,7 @@ class Trainer:
         run directory (rank 0 writes it)."""
         # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
         validate(cfg, None if env is None else env.world_size)
-        _warn_unsafe_lr(cfg)
+        _warn_and_alias(cfg)
         env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
         tc, lc = cfg.trainer, cfg.local
         seed_everything(tc.seed, tc.deterministic)

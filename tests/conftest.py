@@ -58,7 +58,7 @@ def check_ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 
 class _OneRankGroupEnv:
-    """Stand-in for :class:`distlocal.dist.env.DistEnv` on a 1-rank process group that still takes the
+    """Stand-in for :class:`distlocal.parallel.env.DistEnv` on a 1-rank process group that still takes the
     multi-rank code paths (``distributed`` is true): the all-reduces run, over one rank."""
 
     rank, world_size, local_rank, is_main, distributed = 0, 1, 0, True, True

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from distlocal.config import compose
-from distlocal.dist.sync import DeltaSync
+from distlocal.parallel.sync import DeltaSync
 from distlocal.trainer import train
 
 

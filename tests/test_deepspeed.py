@@ -172,7 +172,7 @@ def test_deepspeed_launcher_cli(tmp_path: Path) -> None:
 def _worker(out: Path) -> None:  # pragma: no cover - runs under torchrun
     import torch
 
-    from distlocal.dist.env import init_distributed
+    from distlocal.parallel.env import init_distributed
 
     env = init_distributed("cpu", "gloo", 300)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -244,9 +244,9 @@ def _momentum(env, stage: int, optimizer: str = "sgd") -> dict[str, Any]:  # noq
     import torch.nn.functional as F
 
     from distlocal.config import DeepSpeedEngineConfig, TrainerConfig
-    from distlocal.dist.deepspeed import DeepSpeedEngine
-    from distlocal.dist.engine import build_optimizer, drop_from_optimizer
     from distlocal.models import build_model
+    from distlocal.parallel.deepspeed import DeepSpeedEngine
+    from distlocal.parallel.engine import build_optimizer, drop_from_optimizer
 
     torch.manual_seed(0)
     tc = TrainerConfig(lr=0.1 if optimizer == "sgd" else 1e-3, momentum=0.9, weight_decay=5e-4,
@@ -341,8 +341,8 @@ def _bf16_carry(env, stage: int) -> dict[str, Any]:  # noqa: ANN001
     import torch.nn.functional as F
 
     from distlocal.config import DeepSpeedEngineConfig, TrainerConfig
-    from distlocal.dist.deepspeed import DeepSpeedEngine
     from distlocal.models import build_model
+    from distlocal.parallel.deepspeed import DeepSpeedEngine
 
     torch.manual_seed(0)
     tc = TrainerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=4 * env.world_size,
@@ -389,11 +389,11 @@ def _hebbian(env) -> dict[str, Any]:  # noqa: ANN001
     from torch import nn
 
     from distlocal.config import DeepSpeedEngineConfig, TrainerConfig
-    from distlocal.dist.deepspeed import DeepSpeedEngine
-    from distlocal.dist.sync import DeltaSync
     from distlocal.local.learner import LocalLearner
     from distlocal.local.rules import make_rule
     from distlocal.models import build_model
+    from distlocal.parallel.deepspeed import DeepSpeedEngine
+    from distlocal.parallel.sync import DeltaSync
 
     torch.manual_seed(0)
     tc = TrainerConfig(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=4 * env.world_size)
@@ -463,7 +463,7 @@ def _resume_worker(out: Path) -> None:  # pragma: no cover - runs under torchrun
 
     from distlocal import checkpoint
     from distlocal.config import compose
-    from distlocal.dist.env import init_distributed
+    from distlocal.parallel.env import init_distributed
     from distlocal.trainer import train
 
     env = init_distributed("cpu", "gloo", 300)
@@ -503,7 +503,7 @@ def _resume_worker(out: Path) -> None:  # pragma: no cover - runs under torchrun
                 "bn_max_abs": max(float((a[k] - b[k]).abs().max()) for k in bufs),
                 "bn_allclose": all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in bufs)}
         if stage == 0:  # the same run without the broadcast: what the check above would miss
-            from distlocal.dist.deepspeed import DeepSpeedEngine
+            from distlocal.parallel.deepspeed import DeepSpeedEngine
 
             keep = DeepSpeedEngine._broadcast_buffers
             DeepSpeedEngine._broadcast_buffers = lambda self: None

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from distlocal.config import DDPEngineConfig, TrainerConfig
-from distlocal.dist.ddp import DDPEngine
-from distlocal.dist.engine import build_engine
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import build_model
+from distlocal.parallel.ddp import DDPEngine
+from distlocal.parallel.engine import build_engine
 
 
 def _engine(env) -> tuple[DDPEngine, LocalLearner]:

@@ -8,11 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.config import DDPEngineConfig, TrainerConfig
-from distlocal.dist.ddp import DDPEngine
-from distlocal.dist.env import DistEnv
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import build_model
+from distlocal.parallel.ddp import DDPEngine
+from distlocal.parallel.env import DistEnv
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 

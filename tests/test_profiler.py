@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from distlocal.config import ProfilerConfig
-from distlocal.dist.engine import drop_from_optimizer
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import StagedModel, build_model
+from distlocal.parallel.engine import drop_from_optimizer
 from distlocal.profiler import (
     HEADLINE_KEYS,
     ActivationCounter,
@@ -300,8 +300,8 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     or all-reduce would not give it."""
     from distlocal import profiler as profiler_mod
     from distlocal.config import compose
-    from distlocal.dist.ddp import DDPEngine
     from distlocal.local.rules import LocalRule
+    from distlocal.parallel.ddp import DDPEngine
     from distlocal.trainer import train
 
     clock = [0.0]

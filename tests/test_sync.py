@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distlocal.dist.env import DistEnv
-from distlocal.dist.sync import DeltaSync, SyncResult
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import build_model
+from distlocal.parallel.env import DistEnv
+from distlocal.parallel.sync import DeltaSync, SyncResult
 
 SINGLE = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 X = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))

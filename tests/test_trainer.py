@@ -9,8 +9,8 @@ import torch
 
 from distlocal import checkpoint
 from distlocal.config import compose
-from distlocal.dist.env import DistEnv
 from distlocal.errors import ConfigError
+from distlocal.parallel.env import DistEnv
 from distlocal.trainer import Trainer
 
 ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -97,3 +97,12 @@ def test_a_checkpoint_missing_keys_is_one_clear_error(tmp_path) -> None:
     del state["weak_supervision"], state["transition"]
     with pytest.raises(ConfigError, match="lacks weak_supervision, transition"):
         _build(tmp_path, "other").load_state_dict(state)
+
+
+def test_rule_freeze_is_an_alias_of_mode_freeze_that_warns(tmp_path) -> None:
+    """One spelling of the freezing baseline: ``local.rule=freeze`` under ``mode=local`` runs, and
+    is recorded, as ``mode=freeze``."""
+    with pytest.warns(UserWarning, match="spelled mode=freeze"):
+        trainer = _build(tmp_path, "run", "local.rule=freeze")
+    assert trainer.cfg.mode == "freeze" and trainer.learner.rule.name == "freeze"
+    assert trainer.fit()["mode"] == "freeze"

@@ -4,7 +4,7 @@ Stages ``[0, boundary)`` run under ``torch.no_grad()``; forward hooks on their `
 ``Linear`` modules compute the rule's delta from each module's own input and output while the
 forward runs, so no activation of the prefix is ever kept. The deltas (scaled by the local
 learning rate in force) accumulate in one flat buffer, which is also what the ranks average in a
-single all-reduce: see :class:`distlocal.dist.sync.DeltaSync`.
+single all-reduce: see :class:`distlocal.parallel.sync.DeltaSync`.
 
 Two things keep a local layer near its physical limit (its forward plus one weight-gradient GEMM):
 

@@ -16,12 +16,14 @@ freeze     (nothing: ``delta`` returns ``None``)
 ``⟨z²⟩``, ``⟨y z⟩`` are per output channel and broadcast over that channel's filter. The bias is
 treated as the weight of a constant input 1, which is where its column of the table comes from.
 
-The work is split in two so that the distributed invariant holds (DESIGN §3): every ``delta`` is a
-*mean over samples* of per-sample terms (the ``W``/``b`` factors are the current weights, identical
-on every rank), so averaging the deltas of N equal shards gives the delta of the whole batch.
+The work is split in two so that the distributed invariant holds (docs/design.md, "The
+distributed step"): every ``delta`` is a *mean over samples* of per-sample terms (the ``W``/``b``
+factors are the current weights, identical on every rank), so averaging the deltas of N equal
+shards gives the delta of the whole batch.
 Anything non-linear — ``hebb``'s norm-preserving rescale — happens in ``apply``, which runs on the
-averaged delta. The learning rate η is applied in ``apply`` too, never inside the delta, so weak
-supervision can change it without recomputing anything.
+averaged delta. The learning rate η is not part of the delta either: the learner scales each
+delta by the η in force when it accumulates it (``LocalLearner``'s hooks), so weak supervision can
+change η from step to step, and ``apply`` then writes the accumulated ``η·delta`` with a rate of 1.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from torch import Tensor, nn
 from distlocal.errors import ConfigError
 
 RULES = ("hebb", "oja", "softhebb", "freeze")
+
+# local.lr above which a rule lost accuracy in our measurements (docs/local-rules.md, "Safe ranges"):
+# above it the run warns, it does not stop.
+SAFE_LOCAL_LR = {"hebb": 1e-4, "oja": 1e-4, "softhebb": 5e-3}
 
 Delta = tuple[Tensor, Tensor | None]
 

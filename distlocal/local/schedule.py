@@ -1,6 +1,6 @@
 """Where the Localized→SGD boundary sits each epoch: static schedules and dynamic selection.
 
-``boundary = k`` means stages ``[0, k)`` are local (DESIGN §2). Common rules:
+``boundary = k`` means stages ``[0, k)`` are local (docs/design.md, "Stages and the boundary"). Common rules:
 
 * The boundary is 0 during the first ``warmup_epochs`` epochs (pure SGD); epochs are 0-based.
 * It never moves back and never reaches the classifier: it is capped by
@@ -129,7 +129,7 @@ class StaticSchedule:
 
 
 class DynamicSelector:
-    """Moves the boundary by the trend of the transition stage's weight updates (DESIGN §2).
+    """Moves the boundary by the trend of the transition stage's weight updates (docs/design.md, "Selection").
 
     ``observe(e, u_e)`` is called once after every epoch ``e`` (0-based, increasing) with
     ``u_e = ‖W_T(e) − W_T(e−1)‖ / ‖W_T(e−1)‖`` of the transition stage ``T`` (the first SGD stage,

@@ -1,4 +1,4 @@
-"""Weak supervision: the overall training loss scales the local learning rate (DESIGN §2).
+"""Weak supervision: the overall training loss scales the local learning rate (docs/local-rules.md).
 
 The local rate is ``η_t = η₀ · m_t``. The losses fed in (one per delta sync, rank-averaged) are
 grouped into consecutive windows of ``window`` values; at the end of window ``k`` with mean ``μ_k``

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from distlocal.config import TrainerConfig
-from distlocal.dist.env import DistEnv
 from distlocal.errors import ConfigError
 from distlocal.models.staged import StagedModel
+from distlocal.parallel.env import DistEnv
 
 
 def build_optimizer(params: list[nn.Parameter], cfg: TrainerConfig) -> torch.optim.Optimizer:
@@ -97,11 +97,11 @@ def build_engine(cfg, model: StagedModel, env: DistEnv, trainer_cfg: TrainerConf
     """The engine named by ``engine=`` (``cfg`` is the ``engine`` config group)."""
     # Imported here: the engines import this module, and DDP runs need no deepspeed install.
     if cfg.name == "ddp":
-        from distlocal.dist.ddp import DDPEngine
+        from distlocal.parallel.ddp import DDPEngine
 
         return DDPEngine(model, env, trainer_cfg, cfg)
     if cfg.name == "deepspeed":
-        from distlocal.dist.deepspeed import DeepSpeedEngine
+        from distlocal.parallel.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(model, env, trainer_cfg, cfg)
     raise ConfigError(f"unknown engine '{cfg.name}'; valid: ddp, deepspeed")

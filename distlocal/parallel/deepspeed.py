@@ -47,10 +47,10 @@ import torch.distributed as dist
 from torch import nn
 
 from distlocal.config import DeepSpeedEngineConfig, TrainerConfig
-from distlocal.dist.engine import Engine, build_optimizer
-from distlocal.dist.env import DistEnv
 from distlocal.errors import ConfigError
 from distlocal.models.staged import StagedModel
+from distlocal.parallel.engine import Engine, build_optimizer
+from distlocal.parallel.env import DistEnv
 
 _LP_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 # Dynamic loss-scaler attributes carried across a rebuild (fp16), where the scaler has them.
@@ -187,7 +187,8 @@ class DeepSpeedEngine(Engine):
         suffix = nn.Sequential(*self.model.stages[self.boundary:])
         in_opt = {id(p) for g in self._optimizer.param_groups for p in g["params"]}
         local = self._local_parameters()
-        # The invariant of DESIGN §3: a local parameter is never in the engine's optimizer.
+        # The invariant of docs/design.md ("The distributed step"): a local parameter is never in the
+        # engine's optimizer.
         assert not any(id(p) in in_opt for p in local), "a local parameter is in the DeepSpeed optimizer"
         assert all(not p.requires_grad for p in local), "a local parameter still requires grad"
         trainable = self.suffix_parameters()

@@ -10,9 +10,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 from distlocal.config import DDPEngineConfig, TrainerConfig
-from distlocal.dist.engine import Engine, build_optimizer, drop_from_optimizer
-from distlocal.dist.env import DistEnv
 from distlocal.models.staged import StagedModel
+from distlocal.parallel.engine import Engine, build_optimizer, drop_from_optimizer
+from distlocal.parallel.env import DistEnv
 
 
 class DDPEngine(Engine):

@@ -36,7 +36,8 @@ def _pick_device(device: str, local_rank: int) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
+            raise ConfigError(
+                "trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu or auto")
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     if device == "cpu":

@@ -11,9 +11,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from distlocal.dist.env import DistEnv
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
+from distlocal.parallel.env import DistEnv
 
 SYNC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -31,9 +31,9 @@ class DeltaSync:
     The buffer holds the accumulated ``lr * delta`` of every local layer, the running statistics
     of the prefix BatchNorm layers and the loss of the steps since the last sync; one all-reduce
     (a sum, then the learner divides by the world size) makes them identical on every rank, so the
-    replicas stay equal without the prefix ever entering the gradient all-reduce. With ``sync_async`` the all-reduce is
-    launched right after the prefix forward and awaited only before the deltas are applied, so
-    it overlaps the suffix's forward and backward.
+    replicas stay equal without the prefix ever entering the gradient all-reduce. With
+    ``sync_async`` the all-reduce is launched right after the prefix forward and awaited only
+    before the deltas are applied, so it overlaps the suffix's forward and backward.
 
     A sync period in which no delta was computed (``local.update_every``) sends nothing: the prefix
     BN running statistics are averaged at the next sync instead, which is exact because their
@@ -49,9 +49,10 @@ class DeltaSync:
     ``timer(name)`` (the profiler's ``phase``) times the all-reduce and the apply as ``"sync"``.
     """
 
-    def __init__(self, learner: LocalLearner, env: DistEnv, sync_every: int = 1, sync_async: bool = False,
-                 sync_dtype: str = "fp32",
-                 timer: Callable[[str], AbstractContextManager[None]] = lambda name: contextlib.nullcontext()):
+    def __init__(self, learner: LocalLearner, env: DistEnv, sync_every: int = 1,
+                 sync_async: bool = False, sync_dtype: str = "fp32",
+                 timer: Callable[[str], AbstractContextManager[None]] = (
+                     lambda name: contextlib.nullcontext())):
         if sync_every < 1:
             raise ValueError("local.sync_every must be >= 1")
         if sync_dtype not in SYNC_DTYPES:

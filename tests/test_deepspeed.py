@@ -70,21 +70,23 @@ def _run(cmd: list[str], cwd: Path, timeout: float = JOB_TIMEOUT_S) -> subproces
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
 
 
+def _job(tmp_path_factory: pytest.TempPathFactory, command: str, result: str) -> dict[str, Any]:
+    """Run this file's ``command`` as one 2-rank torchrun job; the JSON file ``result`` it writes."""
+    out = tmp_path_factory.mktemp(f"deepspeed_{command}")
+    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__)), command,
+          str(out)], cwd=ROOT)
+    return json.loads((out / result).read_text())
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("deepspeed_worker")
-    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__)), "worker",
-          str(out)], cwd=ROOT)
-    return json.loads((out / "results.json").read_text())
+    return _job(tmp_path_factory, "worker", "results.json")
 
 
 @pytest.fixture(scope="module")
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """ZeRO 0/1/2 runs interrupted and resumed with resume=auto, in one torchrun job."""
-    out = tmp_path_factory.mktemp("deepspeed_resume")
-    _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(Path(__file__)), "resume",
-          str(out)], cwd=ROOT)
-    return json.loads((out / "resume.json").read_text())
+    return _job(tmp_path_factory, "resume", "resume.json")
 
 
 # --------------------------------------------------------------------------------------- tests

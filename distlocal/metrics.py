@@ -96,6 +96,8 @@ _PREFIX = {
     "step_time_ref_s": "time/", "speedup": "time/", "rebuild_ms": "time/", "sync_ms": "time/",
     "boundary": "local/", "local_lr": "local/", "u": "local/", "u_ratio": "local/", "moved": "local/",
     "skipped_updates": "local/", "drift_max": "local/", "drift_mean": "local/",
+    "ws_multiplier": "local/", "ws_backoffs": "local/", "auto_frozen": "local/",
+    "val_loss": "val/", "val_acc": "val/",
     "grad_allreduce_bytes": "comm/", "delta_sync_bytes": "comm/",
     # profiler (distlocal/profiler.py): the keys its prefix rules below do not already route
     "rss_bytes": "mem/", "profiled_steps": "time/", "timed_steps": "time/", "reference_steps": "time/",

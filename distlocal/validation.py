@@ -170,6 +170,12 @@ def _static_kinds() -> tuple[str, ...]:
     return STATIC_KINDS
 
 
+def _sync_dtypes() -> tuple[str, ...]:
+    from distlocal.parallel.sync import SYNC_DTYPES
+
+    return tuple(SYNC_DTYPES)
+
+
 def _schedules() -> tuple[str, ...]:
     from distlocal.local.schedule import SCHEDULES
 
@@ -229,7 +235,7 @@ RULES: tuple[Rule, ...] = (
     number("local.sample_fraction", 0, 1, lo_open=True),
     integer("local.sync_every", 1),
     boolean("local.sync_async"),
-    choice("local.sync_dtype", ("fp32", "bf16")),
+    choice("local.sync_dtype", _sync_dtypes),
     integer("local.chunk_size", 0, why="0: no fixed chunk"),
     integer("local.chunk_bytes", 0, why="0: no byte bound"),
     integer("local.max_skipped_in_a_row", 0),

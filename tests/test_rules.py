@@ -257,6 +257,10 @@ def test_is_finite() -> None:
     assert is_finite(ok, None) and is_finite(ok, ok)
     assert not is_finite(torch.tensor([1.0, float("nan")]), None)
     assert not is_finite(ok, torch.tensor([float("inf")]))
+    assert not is_finite(torch.tensor([float("inf"), float("-inf")]), None)  # sum NaN
+    # Finite entries whose float32 sum overflows: the exact check decides, not the sum.
+    big = torch.full((4,), 3e38)
+    assert torch.isinf(big.sum()) and is_finite(big, None) and is_finite(ok, big)
 
 
 def test_unknown_rule_and_bad_padding_mode() -> None:

@@ -186,11 +186,8 @@ class LocalLearner:
                 # A per-rank stride (x[::s]) would break that: its union is not x[::s] globally.
                 n = max(1, math.ceil(self.sample_fraction * x.shape[0]))
                 x, output = x[:n], output[:n]
-            chunk = self.chunk_size or None
-            if chunk is None and self.chunk_bytes:
-                chunk = chunk_rows(x, output, self.chunk_bytes)
             with local_scope():  # the rule's temporaries: their own footprint category
-                d = self.rule.delta(module, x, output, chunk=chunk)
+                d = self.rule.delta(module, x, output, chunk=self.chunk_for(x, output))
                 if d is None:
                     return
                 dw, db = d
@@ -210,6 +207,15 @@ class LocalLearner:
                 if slot.b is not None and db is not None:
                     slot.b.add_(db, alpha=self.lr)
         return hook
+
+    def chunk_for(self, x: torch.Tensor, z: torch.Tensor) -> int | None:
+        """Samples per delta chunk for a layer with input ``x`` and output ``z`` (``None``: all).
+
+        ``local.chunk_size`` if set, else as many as fit ``local.chunk_bytes`` (:func:`chunk_rows`).
+        """
+        if self.chunk_size:
+            return self.chunk_size
+        return chunk_rows(x, z, self.chunk_bytes) if self.chunk_bytes else None
 
     # ------------------------------------------------------------------ step
     @property

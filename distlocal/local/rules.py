@@ -158,31 +158,36 @@ def chunk_rows(x: Tensor, z: Tensor, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // max(per_sample, 1))
 
 
-def _channel_sum(module: nn.Module, t: Tensor) -> Tensor:
-    """Per-output-channel sum over batch and positions (channel dim 1 for conv, last for linear)."""
-    if isinstance(module, nn.Conv2d):
-        return t.sum(dim=(0, 2, 3))
-    return _flatten_linear(t).sum(dim=0)
+def _channel_dot(module: nn.Module, corr_w: Tensor, corr_b: Tensor | None) -> Tensor:
+    """Per-output-channel ``Σ s·z`` from the GEMM's ``Σ s xᵀ`` (``corr_w``) and ``Σ s`` (``corr_b``).
 
-
-def _channel_sum_sq(module: nn.Module, z: Tensor) -> Tensor:
-    """Per-output-channel ``Σ z²``; a norm reduction does not materialise ``z²`` (an activation-sized
-    temporary)."""
-    if isinstance(module, nn.Conv2d):
-        return torch.linalg.vector_norm(z, dim=(0, 2, 3)).square()
-    return torch.linalg.vector_norm(_flatten_linear(z), dim=0).square()
-
-
-def _softmax_(t: Tensor, dim: int, temperature: float) -> Tensor:
-    """``softmax(t / τ)`` computed in ``t``'s own storage (``t`` is a scratch tensor we own).
-
-    Max-subtracted like ``torch.softmax``; in place, so softhebb's ``y`` is the chunk's only
-    activation-sized temporary besides the GEMM's workspace.
+    ``z`` is the layer's output, ``z_c = ⟨W_c, x⟩ + b_c`` at every position (``x`` the input patch),
+    so ``Σ s_c z_c = ⟨W_c, Σ s_c xᵀ⟩ + b_c Σ s_c`` for any per-output signal ``s``: softhebb's
+    ``Σ y·z`` (``s = y``) and oja's ``Σ z²`` (``s = z``) cost a weight-sized product instead of a
+    pass over an activation-sized tensor. Exact up to rounding when ``z`` is ``module(x)``; under
+    autocast ``z`` was rounded to bf16/fp16 and this is the float32 value it was rounded from.
     """
+    w = module.weight.detach().to(corr_w.dtype)
+    dot = torch.linalg.vecdot(w.reshape(w.shape[0], -1), corr_w.reshape(w.shape[0], -1))
+    if corr_b is not None:
+        dot.add_(module.bias.detach().to(corr_b.dtype) * corr_b)
+    return dot
+
+
+def _softmax(z: Tensor, dim: int, temperature: float) -> Tensor:
+    """``softmax(z / τ)`` over ``dim`` in one new tensor; ``z`` (the layer's output) is only read.
+
+    Max-subtracted like ``torch.softmax`` (``max(z/τ) = max(z)/τ`` for τ > 0). The subtraction
+    allocates the result, and everything after it runs in that storage, so ``y`` is the chunk's
+    only activation-sized temporary besides the GEMM's workspace; the per-position normaliser is
+    a reciprocal times ``y``. On CPU these eager passes beat ``torch.softmax`` over the channel
+    dim of an NCHW tensor at ResNet's early-layer shapes (2–3× at 64×32×32, docs/profiling.md).
+    """
+    y = torch.sub(z, z.amax(dim=dim, keepdim=True))
     if temperature != 1.0:
-        t.mul_(1.0 / temperature)
-    t.sub_(t.amax(dim=dim, keepdim=True)).exp_()
-    return t.div_(t.sum(dim=dim, keepdim=True))
+        y.mul_(1.0 / temperature)
+    y.exp_()
+    return y.mul_(y.sum(dim=dim, keepdim=True).reciprocal_())
 
 
 def _per_channel(v: Tensor, like: Tensor) -> Tensor:
@@ -190,13 +195,14 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _decay(module: nn.Module, corr: Delta, scale: Tensor, dtype: torch.dtype) -> Delta:
-    """``corr − scale ⊙ [W, b]``: the subtractive normalisation shared by oja and softhebb."""
-    w = module.weight.detach().to(dtype)
-    dw = corr[0] - _per_channel(scale, w) * w
-    db = None
-    if corr[1] is not None:
-        db = corr[1] - scale * module.bias.detach().to(dtype)
+def _decay_(module: nn.Module, corr: Delta, scale: Tensor) -> Delta:
+    """``corr − scale ⊙ [W, b]`` written into ``corr`` (the rule's own sums): the subtractive
+    normalisation shared by oja and softhebb, one pass over the weight and no temporary."""
+    w = module.weight.detach().to(corr[0].dtype)
+    dw = corr[0].addcmul_(_per_channel(scale, w), w, value=-1)
+    db = corr[1]
+    if db is not None:
+        db.addcmul_(scale, module.bias.detach().to(db.dtype), value=-1)
     return dw, db
 
 
@@ -220,6 +226,8 @@ class LocalRule:
     def delta(self, module: nn.Module, x: Tensor, z: Tensor, chunk: int | None = None) -> Delta | None:
         """``(dW, db)`` for ``module`` from its input ``x`` and output ``z``; ``None`` for freeze.
 
+        ``z`` must be ``module(x)`` (what the forward hook sees): oja's ``⟨z²⟩`` and softhebb's
+        ``⟨y·z⟩`` are read off the GEMM's result through ``z = W x + b`` (:func:`_channel_dot`).
         ``db`` is ``None`` when the module has no bias. Results are float32 (float64 if the input
         is float64), not scaled by η, and may be non-finite — callers check :func:`is_finite`.
         Must be called under ``torch.no_grad()`` (the hooks are); nothing here builds a graph.
@@ -239,7 +247,6 @@ class LocalRule:
         step = total if chunk is None else max(1, int(chunk))
         corr_w: Tensor | None = None
         corr_b: Tensor | None = None
-        scale: Tensor | None = None  # per-channel Σz² (oja) or Σ y·z (softhebb)
         n = 0
         with torch.autocast(device_type=x.device.type, enabled=False):
             for i in range(0, total, step):
@@ -250,27 +257,24 @@ class LocalRule:
                     # whatever group their inputs come from. ``y`` is a fresh tensor (``zc`` may
                     # be the layer's output itself, never modified).
                     dim = 1 if isinstance(module, nn.Conv2d) else -1
-                    y = _softmax_(zc.clone(memory_format=torch.contiguous_format), dim, self.temperature)
+                    y = _softmax(zc, dim, self.temperature)
                     cw, cb, m = correlation_sum(module, xc, y)
-                    s = _channel_sum(module, y.mul_(zc))  # y is spent: y·z in place
                     del y
                 else:
                     cw, cb, m = correlation_sum(module, xc, zc)
-                    s = _channel_sum_sq(module, zc) if self.name == "oja" else None
                 corr_w = cw if corr_w is None else corr_w.add_(cw)
                 if cb is not None:
                     corr_b = cb if corr_b is None else corr_b.add_(cb)
-                if s is not None:
-                    scale = s if scale is None else scale.add_(s)
                 n += m
             if corr_w is None:
                 raise ValueError(f"a local rule needs at least one sample, got x of shape {tuple(x.shape)}")
             corr_w.div_(n)
             if corr_b is not None:
                 corr_b.div_(n)
-            if scale is None:  # hebb
+            if self.name == "hebb":
                 return corr_w, corr_b
-            return _decay(module, (corr_w, corr_b), scale.div_(n), dtype)
+            # oja's ⟨z²⟩ and softhebb's ⟨y·z⟩, read off the GEMM's result (no pass over z).
+            return _decay_(module, (corr_w, corr_b), _channel_dot(module, corr_w, corr_b))
 
     def apply(self, module: nn.Module, dW: Tensor, db: Tensor | None, lr: float) -> None:
         """Write the (possibly rank-averaged) delta into ``module`` in place: ``W += lr·dW``.
@@ -335,8 +339,14 @@ def make_rule(name: str, temperature: float = 1.0) -> LocalRule:
 def is_finite(dW: Tensor, db: Tensor | None) -> bool:
     """True when every entry of ``dW`` (and ``db``, if given) is finite.
 
-    One host sync; callers check once per applied update, not per element.
+    A sum is finite only if every term is (a NaN or an infinity propagates), so one read-only
+    reduction settles the usual case; ``isfinite`` over every entry (an elementwise pass plus a
+    bool temporary, ~20× the sum on CPU) runs only when that sum is not finite, which finite
+    entries can also cause by overflowing. One host sync per call in the usual case.
     """
+    total = dW.sum() if db is None else dW.sum() + db.sum()
+    if bool(torch.isfinite(total)):
+        return True
     ok = torch.isfinite(dW).all()
     if db is not None:
         ok = ok & torch.isfinite(db).all()

@@ -121,9 +121,9 @@ def test_update_every_skips_the_rule_on_other_steps():
     learner.lr = 0.01
     x, _ = _batch()
     learner.prefix_forward(x, step=1)
-    assert float(learner.buffer[: learner._n_delta].abs().sum()) == 0.0
+    assert float(learner.delta_part.abs().sum()) == 0.0
     learner.prefix_forward(x, step=2)
-    assert float(learner.buffer[: learner._n_delta].abs().sum()) > 0.0
+    assert float(learner.delta_part.abs().sum()) > 0.0
 
 
 def test_sample_fraction_uses_the_leading_part_of_the_batch():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.errors import ConfigError
-from distlocal.local.rules import RULES, chunk_rows, correlation, is_finite, make_rule
+from distlocal.local.rules import RULES, _softmax, chunk_rows, correlation, is_finite, make_rule
 
 ACTIVE_RULES = ("hebb", "oja", "softhebb")
 
@@ -307,3 +307,25 @@ def test_chunk_rows_bounds_the_float32_bytes_of_a_chunk() -> None:
     assert chunk_rows(x, z, 10 * per_sample) == 10
     assert chunk_rows(x, z, 10 * per_sample + per_sample - 1) == 10
     assert chunk_rows(x, z, 1) == 1  # never zero rows
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+@pytest.mark.parametrize("case", ["moderate", "overflow", "underflow", "nan"])
+def test_softmax_equals_torch_softmax_on_both_paths(case: str, tau: float) -> None:
+    """``exp`` normalised as is while every normaliser is finite and ≥ _MIN_NORMALISER, max-
+    subtracted otherwise (a position overflowing or underflowing): torch.softmax either way, and
+    ``z`` untouched."""
+    torch.manual_seed(11)
+    z = torch.randn(3, 7, 5, 4, dtype=torch.float32) * 3
+    if case == "overflow":
+        z[0, 2, 1, 1] = 200.0  # exp overflows at this position
+    elif case == "underflow":
+        z[1, :, 2, 3] -= 60.0  # every exp at this position is below 1e-20
+    elif case == "nan":
+        z[2, 3, 0, 0] = float("nan")
+    before = z.clone()
+    for dim, zz in ((1, z), (-1, z.movedim(1, -1))):
+        got = _softmax(zz, dim, tau)
+        torch.testing.assert_close(got, torch.softmax(zz / tau, dim=dim), rtol=1e-5, atol=1e-7,
+                                   equal_nan=True)
+    torch.testing.assert_close(z, before, rtol=0, atol=0, equal_nan=True)

@@ -98,11 +98,11 @@ def test_bytes_sent_and_bf16_rounding(one_rank_group, monkeypatch, dtype: str) -
 
     def spy(world_size: int, low: torch.Tensor | None = None) -> None:
         average(world_size, low)
-        averaged.append(learner.buffer[: learner._n_delta].clone())
+        averaged.append(learner.delta_part.clone())
 
     monkeypatch.setattr(learner, "average", spy)
     _step(sync, 0, 1.0)
-    n_delta, n = learner._n_delta, learner.buffer.numel()
+    n_delta, n = learner.delta_part.numel(), learner.buffer.numel()
     assert n_delta > 0 and len(averaged) == 1
     if dtype == "fp32":
         assert sync.bytes_sent == 4 * n
@@ -114,7 +114,7 @@ def test_bytes_sent_and_bf16_rounding(one_rank_group, monkeypatch, dtype: str) -
 
 def test_learner_average_takes_the_low_precision_part_back_and_divides() -> None:
     learner = _learner()
-    n_delta = learner._n_delta
+    n_delta = learner.delta_part.numel()
     learner.buffer.copy_(torch.arange(learner.buffer.numel(), dtype=torch.float32))
     low = torch.full((n_delta,), 6.0, dtype=torch.bfloat16)
     learner.average(2, low)

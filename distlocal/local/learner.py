@@ -208,6 +208,12 @@ class LocalLearner:
                     slot.b.add_(db, alpha=self.lr)
         return hook
 
+    @property
+    def delta_part(self) -> torch.Tensor:
+        """The buffer's leading part that holds the accumulated ``η·delta`` of every local layer
+        (a view; empty in direct mode); BN statistics and the two loss slots follow it."""
+        return self.buffer[: self._n_delta]
+
     def chunk_for(self, x: torch.Tensor, z: torch.Tensor) -> int | None:
         """Samples per delta chunk for a layer with input ``x`` and output ``z`` (``None``: all).
 

@@ -28,6 +28,7 @@ change η from step to step, and ``apply`` then writes the accumulated ``η·del
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -174,18 +175,37 @@ def _channel_dot(module: nn.Module, corr_w: Tensor, corr_b: Tensor | None) -> Te
     return dot
 
 
+# The smallest per-position normaliser Σ exp(z/τ) accepted without max subtraction: every entry
+# down to 2^-60 of its position's sum is then above 1e-38, float32's normal range, so it keeps
+# full precision.
+_MIN_NORMALISER = 1e-20
+
+
 def _softmax(z: Tensor, dim: int, temperature: float) -> Tensor:
     """``softmax(z / τ)`` over ``dim`` in one new tensor; ``z`` (the layer's output) is only read.
 
-    Max-subtracted like ``torch.softmax`` (``max(z/τ) = max(z)/τ`` for τ > 0). The subtraction
-    allocates the result, and everything after it runs in that storage, so ``y`` is the chunk's
-    only activation-sized temporary besides the GEMM's workspace; the per-position normaliser is
-    a reciprocal times ``y``. On CPU these eager passes beat ``torch.softmax`` over the channel
-    dim of an NCHW tensor at ResNet's early-layer shapes (2–3× at 64×32×32, docs/profiling.md).
+    On CPU ``exp(z/τ)`` is first normalised as it is, without the per-position max over the
+    channel dim (a strided reduction that costs more than the ``exp`` on an NCHW tensor): that is
+    the softmax itself whenever every position's normaliser is finite (no overflow) and at least
+    ``_MIN_NORMALISER`` (no precision lost to underflow); the check reads the normalisers only,
+    a tensor C times smaller than ``z``, and its host sync is free on CPU. Otherwise, and on
+    accelerators (where the check would stall the stream), it is max-subtracted like
+    ``torch.softmax`` (``max(z/τ) = max(z)/τ`` for τ > 0). The first pass allocates ``y``, the
+    rest run in its storage, so ``y`` is the chunk's only activation-sized temporary besides the
+    GEMM's workspace. At ResNet-18's shapes on CPU these eager passes beat ``torch.softmax`` over
+    the channels of NCHW (3× at 64×32×32).
     """
+    inv = 1.0 / temperature
+    if z.device.type == "cpu":
+        y = torch.exp(z) if temperature == 1.0 else torch.mul(z, inv).exp_()
+        norm = y.sum(dim=dim, keepdim=True)
+        lo, hi = torch.aminmax(norm)
+        if float(lo) >= _MIN_NORMALISER and float(hi) < math.inf:  # False for NaN
+            return y.mul_(norm.reciprocal_())
+        del y, norm
     y = torch.sub(z, z.amax(dim=dim, keepdim=True))
     if temperature != 1.0:
-        y.mul_(1.0 / temperature)
+        y.mul_(inv)
     y.exp_()
     return y.mul_(y.sum(dim=dim, keepdim=True).reciprocal_())
 

@@ -116,12 +116,11 @@ class DeltaSync:
         if not self.env.distributed:
             return
         t0 = time.perf_counter()
-        buf = self.learner.buffer
-        n_delta = self.learner._n_delta
+        buf, delta = self.learner.buffer, self.learner.delta_part
         parts = [buf]
-        if self.sync_dtype != "fp32" and n_delta:
-            self._low = buf[:n_delta].to(SYNC_DTYPES[self.sync_dtype])
-            parts = [self._low, buf[n_delta:]]
+        if self.sync_dtype != "fp32" and delta.numel():
+            self._low = delta.to(SYNC_DTYPES[self.sync_dtype])
+            parts = [self._low, buf[delta.numel():]]
         for t in parts:
             work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=self.sync_async)
             if work is not None:

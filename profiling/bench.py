@@ -13,8 +13,9 @@ machine slows them alike:
   temporaries), suffix SGD — the trainer's step on one process;
 * ``frozen`` — the same prefix with no delta (rule ``freeze``): a lower bound no rule reaches;
 * ``ideal``  — the frozen step plus, in each local layer's forward hook, its weight-gradient GEMM on
-  the same input and output (``rules.correlation_sum``, in the input's dtype): what a local layer
-  must cost at least (forward + one GEMM), the limit for ``update_every=1``.
+  the same input and output (``rules.correlation_sum``, in the input's dtype, over the same batch
+  chunks as the local step's): what a local layer must cost at least (forward + one GEMM), the
+  limit for ``update_every=1``.
 
 The step is :func:`distlocal.profiler.train_step` (what the calibration uses too). Timing: windows
 of ``P = lcm(update_every, sync_every)`` consecutive steps, starting at a period boundary, so every

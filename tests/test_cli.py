@@ -119,3 +119,19 @@ def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
     assert ckpt["epoch"] == 1
     assert ckpt["model"] and not any(k.startswith("module.") for k in ckpt["model"])
     assert all(r["boundary"] == 0 for r in rows)
+
+
+def test_failed_checkpoint_write_is_one_line_exit_3_and_keeps_the_previous(tmp_path):
+    """A checkpoint that cannot be written stops the run with one line and exit 3 (resume=auto
+    can go on), and last.pt still holds the previous complete checkpoint."""
+    run_dir = tmp_path / "r"
+    # epoch_0001.pt's temporary file cannot be created: a directory holds its name.
+    (run_dir / "checkpoints" / "epoch_0001.pt.tmp").mkdir(parents=True)
+    proc = run([sys.executable, *TRAIN, "mode=sgd", "data=digits", "model=convnet", "trainer.epochs=2",
+                "wandb.mode=disabled", "trainer.progress=false", f"hydra.run.dir={run_dir}"])
+    assert proc.returncode == 3, proc.stderr
+    line = _one_line_error(proc)
+    assert "epoch_0001.pt" in line and "last.pt still holds the previous checkpoint" in line
+    assert "resume=auto" in line
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
+    assert not (run_dir / "checkpoints" / "epoch_0001.pt").exists()

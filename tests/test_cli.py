@@ -128,7 +128,8 @@ def test_failed_checkpoint_write_is_one_line_exit_3_and_keeps_the_previous(tmp_p
     # epoch_0001.pt's temporary file cannot be created: a directory holds its name.
     (run_dir / "checkpoints" / "epoch_0001.pt.tmp").mkdir(parents=True)
     proc = run([sys.executable, *TRAIN, "mode=sgd", "data=digits", "model=convnet", "trainer.epochs=2",
-                "wandb.mode=disabled", "trainer.progress=false", f"hydra.run.dir={run_dir}"])
+                "trainer.max_steps_per_epoch=2", "wandb.mode=disabled", "trainer.progress=false",
+                f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 3, proc.stderr
     line = _one_line_error(proc)
     assert "epoch_0001.pt" in line and "last.pt still holds the previous checkpoint" in line

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Converged Fashion-MNIST runs (docs/results.md, "Time to accuracy"): whole epochs of the convnet
+# recipe, single-process runs two at a time with one thread each (the fastest use of 2 cores),
+# every variant run the same way: 1 process, global batch 64, bf16 autocast (1.75x faster than fp32
+# on this CPU: 0.14 vs 0.25 s per sgd step, process CPU clock), evaluation every half epoch.
+#
+#   PHASE=tune  bash profiling/converged.sh   # local.lr x rule on a 10 % validation split, 1 seed
+#   PHASE=main  bash profiling/converged.sh   # sgd, freeze, local (+ TUNED=...) x SEEDS
+#   PHASE=long  bash profiling/converged.sh   # sgd at LONG_EPOCHS: is EPOCHS the plateau?
+#   PHASE=switch bash profiling/converged.sh  # early (after 1 epoch) vs late (after half) switch
+#
+# Environment: EPOCHS (4), LONG_EPOCHS (8), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
+# (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
+# EXTRA (overrides for every run). A run whose summary.json exists is skipped (re-run safe).
+# profiling/compare.py reads the run directories: time to a common target on --clock cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-disabled}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PHASE=${PHASE:-main}
+EPOCHS=${EPOCHS:-4}
+LONG_EPOCHS=${LONG_EPOCHS:-8}
+SEEDS=${SEEDS:-"0 1 2"}
+JOBS=${JOBS:-2}
+RUNS=${RUNS:-outputs/converged}
+EVAL_EVERY=${EVAL_EVERY:-469}
+TUNED=${TUNED:-"local.rule=softhebb local.lr=1e-3"}
+EXTRA=${EXTRA:-}
+# The recipe: fashion_convnet's model and stage schedule (1 epoch of SGD, then one more local stage
+# per epoch up to 3 of 6), whole epochs (937 steps), cosine lr over the whole run.
+BASE="+experiment=fashion_convnet trainer.max_steps_per_epoch=null trainer.precision=bf16 trainer.progress=false"
+if "$PY" -c "import dataclasses, sys; from distlocal.config import TrainerConfig
+sys.exit(0 if 'eval_every_steps' in {f.name for f in dataclasses.fields(TrainerConfig)} else 1)"; then
+  BASE+=" trainer.eval_every_steps=$EVAL_EVERY"
+fi
+
+jobs_of_phase() {  # one line per run: <run dir> <overrides...>
+  case "$PHASE" in
+    tune)  # short: 1 SGD epoch, then boundary 3 for one epoch, scored on the validation split
+      local t="trainer.epochs=2 data.val_fraction=0.1 schedule.step=3 trainer.seed=0"
+      echo "$RUNS/tune/freeze mode=freeze $t"
+      for rule in softhebb oja; do for lr in 1e-3 3e-3 1e-2; do
+        echo "$RUNS/tune/${rule}_$lr mode=local local.rule=$rule local.lr=$lr $t"
+      done; done ;;
+    main)
+      for seed in $SEEDS; do
+        echo "$RUNS/main/sgd/s$seed mode=sgd trainer.epochs=$EPOCHS trainer.seed=$seed"
+        echo "$RUNS/main/freeze/s$seed mode=freeze trainer.epochs=$EPOCHS trainer.seed=$seed"
+        echo "$RUNS/main/local/s$seed mode=local trainer.epochs=$EPOCHS trainer.seed=$seed"
+        echo "$RUNS/main/local_tuned/s$seed mode=local $TUNED trainer.epochs=$EPOCHS trainer.seed=$seed"
+      done ;;
+    long)
+      echo "$RUNS/long/sgd/s0 mode=sgd trainer.epochs=$LONG_EPOCHS trainer.seed=0" ;;
+    switch)  # all 3 stages at once: after epoch 1 (early) or after half the run (late)
+      local half=$((EPOCHS / 2))
+      for mode in freeze local; do
+        echo "$RUNS/switch/${mode}_early/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=1 schedule.step=3 trainer.seed=0"
+        echo "$RUNS/switch/${mode}_late/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=$half schedule.step=3 trainer.seed=0"
+      done ;;
+    *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main long switch" >&2; exit 2 ;;
+  esac
+}
+
+run_one() {  # <run dir> <overrides...>
+  local dir=$1; shift
+  if [[ -f "$dir/summary.json" ]]; then echo "converged.sh: done already: $dir"; return 0; fi
+  rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
+  echo "converged.sh: [$(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)] start $dir"
+  # shellcheck disable=SC2086  # word splitting of the overrides is intended
+  if ! "$PY" launch/train.py $BASE "$@" $EXTRA "hydra.run.dir=$dir" > "$dir.log" 2>&1; then
+    echo "converged.sh: FAILED $dir (log: $dir.log)" >&2; tail -3 "$dir.log" >&2; return 1
+  fi
+  echo "converged.sh: [$(date -u +%H:%M:%S)] done $dir: $(tail -1 "$dir.log")"
+}
+export -f run_one
+export BASE EXTRA PY
+
+mkdir -p "$RUNS"
+{ echo "commit $(git rev-parse --short HEAD) phase $PHASE started $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"; } >> "$RUNS/provenance.txt"
+jobs_of_phase | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
+echo "ended $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUNS/provenance.txt"

@@ -241,6 +241,10 @@ ENTRY = [
      "unknown data 'bogus'; valid: cifar10, cifar100, digits, fashion_mnist, imagefolder, synthetic"),
     ("engine=bogus", "unknown engine 'bogus'; valid: ddp, deepspeed"),
     ("schedule=bogus", "unknown schedule 'bogus'; valid: dynamic, static"),
+    # A missing data root is found before Hydra writes the run directory, like every other bad input.
+    ("data=imagefolder data.root=/nonexistent/imagenet",
+     "imagefolder root '/nonexistent/imagenet' does not exist: expected '/nonexistent/imagenet/train/<class>/"
+     "<image>' and '/nonexistent/imagenet/val/<class>/<image>'; point data.root at it"),
     ("trainer.nesterov=true trainer.momentum=0",
      "trainer.nesterov=true needs trainer.optimizer=sgd and trainer.momentum > 0 (got sgd, momentum 0)"),
 ]

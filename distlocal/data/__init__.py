@@ -31,6 +31,7 @@ from distlocal.data.cifar import (
     CIFAR100_STD,
     CifarDataset,
     build_cifar,
+    locate_cifar,
 )
 from distlocal.data.common import DataBundle, hold_out_val
 from distlocal.data.digits import DIGITS_SIZE, build_digits
@@ -41,8 +42,9 @@ from distlocal.data.fashion import (
     FASHION_STD,
     FashionMNIST,
     build_fashion_mnist,
+    locate_fashion_mnist,
 )
-from distlocal.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, build_imagefolder
+from distlocal.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, build_imagefolder, locate_imagefolder
 from distlocal.data.loaders import ShardSampler, build_eval_loader, build_loaders
 from distlocal.data.synthetic import SyntheticDataset, build_synthetic
 from distlocal.errors import ConfigError
@@ -72,9 +74,22 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
     return hold_out_val(bundle, float(cfg.val_fraction), int(cfg.val_seed), name)
 
 
+def check_root(cfg: DataConfig) -> None:
+    """Raise the builder's own :class:`ConfigError` when the data set's local files are not where
+    ``data.root`` says. Cheap (no file is read or listed): the entry point runs it before any run
+    directory is written."""
+    name = str(cfg.name)
+    if name == "imagefolder":
+        locate_imagefolder(cfg)
+    elif name in ("cifar10", "cifar100") and not cfg.download:
+        locate_cifar(name, cfg)
+    elif name == "fashion_mnist":
+        locate_fashion_mnist(cfg)
+
+
 __all__ = [
     "CIFAR10_MEAN", "CIFAR10_STD", "CIFAR100_MEAN", "CIFAR100_STD", "DATASETS", "DIGITS_SIZE",
     "FASHION_FILES", "FASHION_MEAN", "FASHION_ROOT", "FASHION_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "CifarDataset", "DataBundle", "FashionMNIST", "ShardSampler", "SyntheticDataset",
-    "build_datasets", "build_eval_loader", "build_loaders",
+    "build_datasets", "build_eval_loader", "build_loaders", "check_root",
 ]

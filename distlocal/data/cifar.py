@@ -151,13 +151,32 @@ def _read_cifar_split(
     return np.ascontiguousarray(images), targets
 
 
+def _missing(layout: _CifarLayout, directory: Path) -> list[str]:
+    return [f for f in layout.files() if not (directory / f).is_file()]
+
+
+def locate_cifar(name: str, cfg: DataConfig) -> Path:
+    """The CIFAR directory under ``data.root`` with every file present (nothing is read);
+    a :class:`ConfigError` naming what is missing otherwise."""
+    layout = _CIFAR[name]
+    root = resolve_root(cfg)
+    missing = _missing(layout, root / layout.folder)
+    if missing:
+        # Name the missing files only for a partial copy; "all of them" adds nothing.
+        partial = f" (missing {', '.join(missing)})" if len(missing) < len(layout.files()) else ""
+        raise ConfigError(
+            f"{name} not found under '{root}': expected {layout.expected(root)}{partial};"
+            " point data.root at a local copy or set data.download=true"
+        )
+    return root / layout.folder
+
+
 def build_cifar(name: str, cfg: DataConfig) -> DataBundle:
     """CIFAR-10 or CIFAR-100 (``name``) from ``data.root``, downloaded there first if allowed."""
     layout = _CIFAR[name]
     root = resolve_root(cfg)
     directory = root / layout.folder
-    missing = [f for f in layout.files() if not (directory / f).is_file()]
-    if missing and cfg.download:
+    if cfg.download and _missing(layout, directory):
         # torchvision fetches the official archive and verifies its md5; we then read the files.
         tv_cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         try:
@@ -167,14 +186,7 @@ def build_cifar(name: str, cfg: DataConfig) -> DataBundle:
                 f"downloading {name} into '{root}' failed ({type(exc).__name__}: "
                 f"{' '.join(str(exc).split())}); place a local copy there and set data.download=false"
             ) from exc
-        missing = [f for f in layout.files() if not (directory / f).is_file()]
-    if missing:
-        # Name the missing files only for a partial copy; "all of them" adds nothing.
-        partial = f" (missing {', '.join(missing)})" if len(missing) < len(layout.files()) else ""
-        raise ConfigError(
-            f"{name} not found under '{root}': expected {layout.expected(root)}{partial};"
-            " point data.root at a local copy or set data.download=true"
-        )
+    locate_cifar(name, cfg)
 
     meta = _load_pickle(directory / layout.meta_file)
     classes = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in meta.get(layout.names_key, [])]

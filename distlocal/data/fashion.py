@@ -85,8 +85,9 @@ def _read_idx(path: Path, images: bool) -> torch.Tensor:
         ) from exc
 
 
-def build_fashion_mnist(cfg: DataConfig) -> DataBundle:
-    """Fashion-MNIST from ``data.root`` (default :data:`FASHION_ROOT`), padded to 32x32."""
+def locate_fashion_mnist(cfg: DataConfig) -> tuple[Path, dict[str, Path]]:
+    """The root and the four IDX files (gzipped or raw; nothing is read); a :class:`ConfigError`
+    naming the missing ones otherwise."""
     root_cfg = cfg.root if cfg.root not in (None, "") else FASHION_ROOT
     root = resolve_root(DataConfig(name=cfg.name, root=str(root_cfg)))
     paths = {k: _idx_path(root, stem) for k, stem in FASHION_FILES.items()}
@@ -97,6 +98,12 @@ def build_fashion_mnist(cfg: DataConfig) -> DataBundle:
             "install it with 'apt-get install dataset-fashion-mnist' (or 'make data'), or put the four "
             "upstream files from https://github.com/zalandoresearch/fashion-mnist there and set data.root"
         )
+    return root, paths  # type: ignore[return-value]
+
+
+def build_fashion_mnist(cfg: DataConfig) -> DataBundle:
+    """Fashion-MNIST from ``data.root`` (default :data:`FASHION_ROOT`), padded to 32x32."""
+    root, paths = locate_fashion_mnist(cfg)
     tensors = {k: _read_idx(p, images=k.endswith("images")) for k, p in paths.items()}  # type: ignore[arg-type]
     for split in ("train", "test"):
         x, y = tensors[f"{split}_images"], tensors[f"{split}_labels"]

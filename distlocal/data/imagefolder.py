@@ -18,10 +18,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def build_imagefolder(cfg: DataConfig) -> DataBundle:
-    """The train and val folders under ``data.root``; val is labelled with the train class list."""
+def _layout(root: Path) -> str:
+    return f"'{root}/train/<class>/<image>' and '{root}/val/<class>/<image>'"
+
+
+def locate_imagefolder(cfg: DataConfig) -> Path:
+    """The root, with its ``train`` and ``val`` directories (nothing is listed); a
+    :class:`ConfigError` saying what is missing otherwise."""
     root = resolve_root(cfg)
-    layout = f"'{root}/train/<class>/<image>' and '{root}/val/<class>/<image>'"
+    layout = _layout(root)
     if not root.is_dir():
         raise ConfigError(
             f"imagefolder root '{root}' does not exist: expected {layout}; point data.root at it"
@@ -31,6 +36,13 @@ def build_imagefolder(cfg: DataConfig) -> DataBundle:
             raise ConfigError(
                 f"imagefolder root '{root}' has no '{split}' directory: expected {layout}; fix data.root"
             )
+    return root
+
+
+def build_imagefolder(cfg: DataConfig) -> DataBundle:
+    """The train and val folders under ``data.root``; val is labelled with the train class list."""
+    root = locate_imagefolder(cfg)
+    layout = _layout(root)
     size = int(cfg.image_size)
     if size < 1:
         raise ConfigError(f"data.image_size must be >= 1, got {size}")

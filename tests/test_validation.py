@@ -73,6 +73,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
      "data.val_fraction=1.0 must be a number in [0, 1) (0 turns the validation split off)"),
     ("ddp", "data.val_seed", -1,
      "data.val_seed=-1 must be an integer in [0, 4294967295] (numpy's seed range)"),
+    ("ddp", "data.on_corrupt", "ignore", "unknown data.on_corrupt 'ignore'; valid: error, skip"),
     ("ddp", "local.rule", "anti_hebb", "unknown local.rule 'anti_hebb'; valid: hebb, oja, softhebb, freeze"),
     ("ddp", "local.lr", -1.0,
      "local.lr=-1.0 must be a finite number >= 0 (a negative rate makes the rule anti-Hebbian, which no rule "

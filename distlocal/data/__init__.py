@@ -34,6 +34,7 @@ from distlocal.data.cifar import (
     locate_cifar,
 )
 from distlocal.data.common import DataBundle, hold_out_val
+from distlocal.data.corrupt import ON_CORRUPT, Checked, CorruptSample, count_skipped, guard
 from distlocal.data.digits import DIGITS_SIZE, build_digits
 from distlocal.data.fashion import (
     FASHION_FILES,
@@ -50,6 +51,9 @@ from distlocal.data.synthetic import SyntheticDataset, build_synthetic
 from distlocal.errors import ConfigError
 
 DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "fashion_mnist", "imagefolder", "synthetic")
+READS_PER_SAMPLE: tuple[str, ...] = ("imagefolder",)
+"""Data sets that open a file per sample, at run time: the ones ``data.on_corrupt`` guards. CIFAR and
+Fashion-MNIST read their files whole when built, where a damaged file is one line naming it."""
 
 
 def build_datasets(cfg: DataConfig) -> DataBundle:
@@ -71,7 +75,14 @@ def build_datasets(cfg: DataConfig) -> DataBundle:
         bundle = build_synthetic(cfg)
     else:
         raise ConfigError(f"unknown data set '{name}'; valid: {', '.join(DATASETS)}")
-    return hold_out_val(bundle, float(cfg.val_fraction), int(cfg.val_seed), name)
+    bundle = hold_out_val(bundle, float(cfg.val_fraction), int(cfg.val_seed), name)
+    if name not in READS_PER_SAMPLE:
+        return bundle
+    # After the hold-out: a substitute sample comes from the same split.
+    policy = str(cfg.on_corrupt)
+    return DataBundle(train=guard(bundle.train, policy), test=guard(bundle.test, policy),
+                      in_shape=bundle.in_shape, num_classes=bundle.num_classes,
+                      val=guard(bundle.val, policy), train_plain=guard(bundle.train_plain, policy))
 
 
 def check_root(cfg: DataConfig) -> None:
@@ -92,4 +103,5 @@ __all__ = [
     "FASHION_FILES", "FASHION_MEAN", "FASHION_ROOT", "FASHION_STD", "IMAGENET_MEAN", "IMAGENET_STD",
     "CifarDataset", "DataBundle", "FashionMNIST", "ShardSampler", "SyntheticDataset",
     "build_datasets", "build_eval_loader", "build_loaders", "check_root",
+    "ON_CORRUPT", "READS_PER_SAMPLE", "Checked", "CorruptSample", "count_skipped",
 ]

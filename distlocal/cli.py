@@ -91,6 +91,9 @@ def precheck(argv: list[str]) -> DictConfig | None:
         die(explain(exc))
     try:
         validate(cfg)
+        from distlocal.data import check_root
+
+        check_root(cfg.data)  # a missing data root, too, before Hydra writes the run directory
     except ConfigError as exc:
         die(str(exc))
     return cfg

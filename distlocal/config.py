@@ -73,6 +73,9 @@ class DataConfig:
     each epoch; tune on it, never on the test set). 0 = off."""
     val_seed: int = 0
     """Seed of the validation split (not ``trainer.seed``: every run holds out the same samples)."""
+    on_corrupt: str = "error"
+    """A sample whose file cannot be read (imagefolder): ``error`` stops every rank with one line naming
+    it; ``skip`` trains on the next readable sample instead, warns once and counts ``data_skipped``."""
 
 
 @dataclass

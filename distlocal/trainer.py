@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from distlocal import checkpoint, validation
 from distlocal.config import to_yaml
-from distlocal.data import build_datasets, build_eval_loader, build_loaders
+from distlocal.data import Checked, build_datasets, build_eval_loader, build_loaders, count_skipped
 from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
@@ -259,7 +259,8 @@ class Trainer:
         scheduler = LambdaLR(engine.optimizer, lr_lambda(tc, data.steps_per_epoch))
         # The all-SGD reference: a boundary-0 copy behind the run's own engine, optimizer, precision
         # and loader, a few steps per epoch between the run's (built at the first local epoch).
-        prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc), lambda: iter(data.train),
+        prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc),
+                              lambda: iter(Checked(data.train, env, lockstep=True)),
                               autocast=lambda: _autocast(env, tc.precision))
         trainer = cls(cfg, run_dir, env, data, model, learner, sync, engine, scheduler, schedule, ws, prof)
         if resume is not None:
@@ -350,14 +351,14 @@ class Trainer:
         first = self._begin_epoch(epoch)
         n = self.data.steps_per_epoch
         t0 = time.perf_counter()
-        bar = tqdm(total=n, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
-                   disable=not (self.env.is_main and self.cfg.trainer.progress))
-        batches = self._batches(first)
-        for step in range(first, n):
-            self.train_step(step, batches)
-            bar.update(1)
-            self._after_step(epoch, step)
-        bar.close()
+        # A context: an error line (a corrupt sample, a failed checkpoint) starts on a cleared line.
+        with tqdm(total=n, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
+                  disable=not (self.env.is_main and self.cfg.trainer.progress)) as bar:
+            batches = self._batches(first)
+            for step in range(first, n):
+                self.train_step(step, batches)
+                bar.update(1)
+                self._after_step(epoch, step)
         return self._end_epoch(epoch, first, time.perf_counter() - t0)
 
     def _begin_epoch(self, epoch: int) -> int:
@@ -392,7 +393,7 @@ class Trainer:
         rng, self._resume_rng = self._resume_rng, None
         if rng is not None and first == 0:
             _set_rng_state(rng)
-        batches = iter(self.data.train)
+        batches = iter(Checked(self.data.train, self.env, lockstep=True))  # data.on_corrupt (data/corrupt.py)
         for _ in range(first):
             next(batches)
         if rng is not None and first > 0:
@@ -433,7 +434,8 @@ class Trainer:
     def _epoch_row(self, epoch: int, first: int, epoch_time: float) -> dict[str, Any]:
         """The epoch's metrics row (also updates the accuracies and feeds the boundary selector)."""
         loop, learner, tc, env = self.loop, self.learner, self.cfg.trainer, self.env
-        loss_sum, n_seen = all_reduce_sum(loop.epoch_sums, env)
+        skipped = count_skipped(self.data.train, self.data.steps_per_epoch)  # data.on_corrupt=skip
+        loss_sum, n_seen, skipped = all_reduce_sum([*loop.epoch_sums, skipped], env)
         test_loss, loop.acc = self.evaluate(self.data.test)
         loop.best_acc = max(loop.best_acc, loop.acc)
         n_steps = self.data.steps_per_epoch - first
@@ -445,7 +447,7 @@ class Trainer:
             "step_time_s": epoch_time / max(n_steps, 1),
             "lr": self.scheduler.get_last_lr()[0], "boundary": learner.boundary,
             "local_lr": self.cfg.local.lr * self.ws.multiplier if learns else 0.0,
-            "skipped_updates": learner.skipped_updates,
+            "skipped_updates": learner.skipped_updates, "data_skipped": int(skipped),
             "ws_multiplier": self.ws.multiplier, "ws_backoffs": self.ws.backoffs,
             **self.engine.comm_stats(),                       # rebuild_ms, grad_allreduce_bytes
             "delta_sync_bytes": self.sync.bytes_sent / max(n_steps, 1),
@@ -475,7 +477,8 @@ class Trainer:
         model, env = self.model, self.env
         model.eval()
         loss_sum = correct = n = 0.0
-        for x, y in loader:
+        batches = Checked(loader, env, lockstep=False)        # a corrupt sample stops every rank
+        for x, y in batches:
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             with self.autocast():
                 out = model(x)
@@ -484,6 +487,7 @@ class Trainer:
             n += y.numel()
         model.train()
         loss_sum, correct, n = all_reduce_sum([loss_sum, correct, n], env)
+        batches.finish()
         return loss_sum / max(n, 1), 100.0 * correct / max(n, 1)
 
     # ---------------------------------------------------------------- checkpoints
@@ -567,6 +571,7 @@ class Trainer:
             "final_test_acc": self.loop.acc, "best_test_acc": self.loop.best_acc,
             "final_boundary": self.learner.boundary, "boundary_per_epoch": self.loop.boundaries,
             "world_size": self.env.world_size, "mode": self.cfg.mode, "rule": self.learner.rule.name,
+            "data_skipped": sum(r.get("data_skipped", 0) for r in self.logger.rows),
         })
         if summary.get("speedup") is not None or "footprint_bytes" in summary:
             summary["headline"] = headline(summary)

@@ -164,6 +164,12 @@ def _datasets() -> tuple[str, ...]:
     return DATASETS
 
 
+def _on_corrupt() -> tuple[str, ...]:
+    from distlocal.data.corrupt import ON_CORRUPT
+
+    return ON_CORRUPT
+
+
 def _static_kinds() -> tuple[str, ...]:
     from distlocal.local.schedule import STATIC_KINDS
 
@@ -224,6 +230,7 @@ RULES: tuple[Rule, ...] = (
     integer("data.test_size", 1, 2**30 - 1),
     number("data.val_fraction", 0, 1, hi_open=True, why="0 turns the validation split off"),
     integer("data.val_seed", 0, 2**32 - 1, why="numpy's seed range"),
+    choice("data.on_corrupt", _on_corrupt),
     # local rule
     choice("local.rule", _rules),
     # A negative rate turns every rule anti-Hebbian: no rule here is designed or measured for

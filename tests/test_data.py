@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from distlocal import data as data_mod
 from distlocal.config import DataConfig
 from distlocal.data import (
     CIFAR10_MEAN,
@@ -27,6 +26,7 @@ from distlocal.data import (
     build_datasets,
     build_loaders,
 )
+from distlocal.data import cifar as cifar_mod
 from distlocal.errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_cifar_download_goes_through_torchvision(tmp_path: Path, monkeypatch: py
             calls.append((root, download))
             write_cifar10(Path(root))
 
-    monkeypatch.setattr(data_mod.datasets, "CIFAR10", FakeCIFAR10)
+    monkeypatch.setattr(cifar_mod.datasets, "CIFAR10", FakeCIFAR10)
     bundle = build_datasets(DataConfig(name="cifar10", root=str(tmp_path), download=True))
     assert calls == [(str(tmp_path.resolve()), True)]
     assert len(bundle.train) == 20

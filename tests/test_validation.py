@@ -73,6 +73,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
      "data.val_fraction=1.0 must be a number in [0, 1) (0 turns the validation split off)"),
     ("ddp", "data.val_seed", -1,
      "data.val_seed=-1 must be an integer in [0, 4294967295] (numpy's seed range)"),
+    ("ddp", "data.on_corrupt", "ignore", "unknown data.on_corrupt 'ignore'; valid: error, skip"),
     ("ddp", "local.rule", "anti_hebb", "unknown local.rule 'anti_hebb'; valid: hebb, oja, softhebb, freeze"),
     ("ddp", "local.lr", -1.0,
      "local.lr=-1.0 must be a finite number >= 0 (a negative rate makes the rule anti-Hebbian, which no rule "
@@ -241,6 +242,10 @@ ENTRY = [
      "unknown data 'bogus'; valid: cifar10, cifar100, digits, fashion_mnist, imagefolder, synthetic"),
     ("engine=bogus", "unknown engine 'bogus'; valid: ddp, deepspeed"),
     ("schedule=bogus", "unknown schedule 'bogus'; valid: dynamic, static"),
+    # A missing data root is found before Hydra writes the run directory, like every other bad input.
+    ("data=imagefolder data.root=/nonexistent/imagenet",
+     "imagefolder root '/nonexistent/imagenet' does not exist: expected '/nonexistent/imagenet/train/<class>/"
+     "<image>' and '/nonexistent/imagenet/val/<class>/<image>'; point data.root at it"),
     ("trainer.nesterov=true trainer.momentum=0",
      "trainer.nesterov=true needs trainer.optimizer=sgd and trainer.momentum > 0 (got sgd, momentum 0)"),
 ]

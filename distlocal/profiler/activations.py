@@ -44,7 +44,7 @@ class ActivationCounter:
     Use as a context manager around a forward (and loss)::
 
         with ActivationCounter(model.stages) as c:
-            loss = F.cross_entropy(model(x), y)
+            out = model(x)  # a forward (and its loss)
         c.total, c.per_stage, c.other
 
     * **Deduplicated by storage**: a tensor saved by two ops (ReLU's output is also the next

@@ -1,4 +1,17 @@
-"""The :class:`Profiler` the trainer drives: a thin facade over the package's parts."""
+"""The :class:`Profiler` the trainer drives: a thin facade over the package's parts.
+
+Per epoch: ``epoch_start`` (plans it, :func:`~distlocal.profiler.timing.plan_epoch`) → steps
+(``step_begin``/``step_end``; ``with footprint(...)`` around :func:`distlocal.step.train_step`, which
+takes the profiler as its probe: ``phase(name)``, ``activations()``) → ``epoch_end`` returns flat
+metrics (:mod:`distlocal.profiler.report`).
+
+* Footprint: the epoch's second step by category, and the bytes saved for backward.
+* Time: the timed steps' wall time over their number (no synchronisation; CUDA events); phases from
+  a few synchronised *profiled* steps, kept out of ``step_time_s``.
+* Reference: at boundary 0 the run's own step, else a :class:`~distlocal.profiler.reference.ReferenceStep`
+  (:meth:`Profiler.attach_reference`) run a few times per epoch between the timed steps, so it sees the
+  same machine load; ``speedup = step_time_ref_s / step_time_s``.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +35,7 @@ from distlocal.profiler.memory import (
     sync_device,
 )
 from distlocal.profiler.reference import ReferenceStep
-from distlocal.profiler.report import RunTotals, as_reference, fmt_bytes, memory_keys, time_keys
+from distlocal.profiler.report import RunTotals, as_reference, memory_keys, time_keys
 from distlocal.profiler.timing import Clock, EpochPlan, EpochTimes, PhaseTimer, plan_epoch
 
 if TYPE_CHECKING:
@@ -31,18 +44,8 @@ if TYPE_CHECKING:
 
 
 class Profiler:
-    """Per-epoch time and memory accounting, driven by the trainer (one instance per rank).
-
-    Per epoch: ``epoch_start`` (plans it, :func:`~distlocal.profiler.timing.plan_epoch`) → steps
-    (``step_begin``/``step_end``; ``with footprint(...)`` around :func:`distlocal.step.train_step`,
-    which takes the profiler as its probe: ``phase(name)``, ``activations()``) → ``epoch_end``
-    returns flat metrics (:mod:`distlocal.profiler.report`). Footprint: the epoch's second step by
-    category, and the bytes saved for backward. Time: the timed steps' wall time over their number
-    (no synchronisation; CUDA events), phases from a few synchronised *profiled* steps. Reference:
-    at boundary 0 the run's own step, else a :class:`ReferenceStep` (:meth:`attach_reference`) run
-    a few times per epoch between the timed steps; ``speedup = step_time_ref_s / step_time_s``.
-    Disabled (``cfg.enabled=False``): every method is a no-op and returns ``{}``.
-    """
+    """Per-epoch time and memory accounting, driven by the trainer (one instance per rank); see the
+    module's docstring. Disabled (``cfg.enabled=False``): every method is a no-op and returns ``{}``."""
 
     def __init__(self, cfg: ProfilerConfig | Any | None, model: nn.Module, device: torch.device | str,
                  run_dir: Path | None = None, verbose: bool = True,
@@ -58,11 +61,7 @@ class Profiler:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self._clk = Clock(self.device, clock)
         self._phases = PhaseTimer(self._clk.now)
-        self.memory_snapshot = bool(cfg.memory_snapshot) and self.enabled
-        if self.memory_snapshot and self.device.type != "cuda":
-            self._log("profiler.memory_snapshot is CUDA-only; skipped on " + self.device.type)
-            self.memory_snapshot = False
-        self._snap = MemorySnapshot()
+        self._snap = MemorySnapshot(bool(cfg.memory_snapshot) and self.enabled, self.device, self._log)
         self._watched: set[int] = set()
         self._opt_handles: list[Any] = []
         self._ref: ReferenceStep | None = None
@@ -88,11 +87,6 @@ class Profiler:
     def has_reference(self) -> bool:
         """Whether a :class:`ReferenceStep` is attached (epochs with local stages get their reference)."""
         return self._ref is not None
-
-    @property
-    def plan(self) -> EpochPlan:
-        """This epoch's plan (set by :meth:`epoch_start`)."""
-        return self._plan
 
     def _recording(self) -> bool:
         return self.enabled and (self._sampled or self._step is None)
@@ -124,10 +118,7 @@ class Profiler:
         if use_ref:
             t0 = self._clk.now()
             if self._ref.prepare():
-                engine = type(self._ref.engine).__name__
-                self._log(f"all-SGD reference: a boundary-0 copy behind its own {engine}, "
-                          f"{self.reference_steps} steps per epoch between the run's; peak footprint "
-                          f"{fmt_bytes(self._ref.footprint['footprint_ref_bytes'], binary=True)}")
+                self._log(self._ref.describe(self.reference_steps))
             self._ep.fixed_overhead_s += self._clk.now() - t0
         if optimizer is not None and id(optimizer) not in self._watched:
             self._watched.add(id(optimizer))
@@ -150,7 +141,7 @@ class Profiler:
         if self._sampled or step == self._plan.footprint_step:
             sync_device(self.device)
             self._step_t0 = self._clk.mark()
-        if self.memory_snapshot and step == self._plan.footprint_step:
+        if step == self._plan.footprint_step:
             self._snap.start()
 
     def step_end(self) -> None:
@@ -165,11 +156,7 @@ class Profiler:
         self._phases.end_step(self._sampled)
         if len(ep.win) == 1 and step == self._plan.timed.stop - 1:
             ep.win.append(self._clk.mark())
-        if self._snap.on:
-            name = f"memory_snapshot_epoch{self._epoch}.pickle"
-            path = self._snap.dump(self.run_dir / name if self.run_dir is not None else None)
-            if path is not None:
-                self._log(f"memory snapshot written to {path} (open with https://pytorch.org/memory_viz)")
+        self._snap.dump(self.run_dir, self._epoch)
         self._step, self._sampled = None, False
         ep.steps += 1
         n = self._plan.reference.get(step, 0)
@@ -177,15 +164,6 @@ class Profiler:
             inside = len(ep.win) == 1  # the window is open: subtract these from its time
             ep.ref_marks += [(a, b, inside) for a, b in self._ref.run_timed(n, self._clk.mark)]
         ep.last_end = self._clk.fn()
-
-    @contextlib.contextmanager
-    def step(self, step: int) -> Iterator[None]:
-        """``with prof.step(i):`` — :meth:`step_begin` / :meth:`step_end` around a step's body."""
-        self.step_begin(step)
-        try:
-            yield
-        finally:
-            self.step_end()
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -236,9 +214,7 @@ class Profiler:
         step_time, n_timed = ep.step_time(clk, self._plan)
         fp, act = self._fp or {}, self._act
         if boundary == 0:  # the run's own step is the all-SGD step
-            ref_step = step_time
-            ref = {**as_reference(fp), "cuda_step_peak_ref_bytes": fp.get("cuda_step_peak_bytes"),
-                   "activation_bytes_ref": act.total if act is not None else None}
+            ref_step, ref = step_time, as_reference(fp, act.total if act is not None else None)
         else:
             ref_step = ep.reference_time(clk) / len(ep.ref_marks) if ep.ref_marks else None
             ref = (self._ref.footprint if self._ref is not None else None) or {}

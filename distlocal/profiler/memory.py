@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -127,24 +128,30 @@ def cuda_peak(device: torch.device) -> int | None:
 
 class MemorySnapshot:
     """``profiler.memory_snapshot`` (CUDA only): record the allocator's history over one step and
-    dump it as ``memory_snapshot_epoch<N>.pickle`` (open with https://pytorch.org/memory_viz)."""
+    dump it as ``<run dir>/memory_snapshot_epoch<N>.pickle`` (open with https://pytorch.org/memory_viz)."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool, device: torch.device, log: Callable[[str], None]) -> None:
+        if enabled and device.type != "cuda":
+            log("profiler.memory_snapshot is CUDA-only; skipped on " + device.type)
+        self.enabled = enabled and device.type == "cuda"
+        self.log = log
         self.on = False
 
     def start(self) -> None:
-        """Start recording (once per measured step)."""
-        if not self.on:
+        """Start recording (once per measured step); a no-op when disabled."""
+        if self.enabled and not self.on:
             torch.cuda.memory._record_memory_history(max_entries=200_000)
             self.on = True
 
-    def dump(self, path: Path | None) -> Path | None:
-        """Stop recording; write the snapshot to ``path`` (``None``: drop it). Returns the path written."""
+    def dump(self, run_dir: Path | None, epoch: int) -> None:
+        """Stop a recording in progress and write it to ``run_dir`` (``None``: drop it)."""
+        if not self.on:
+            return
         self.on = False
         try:
-            if path is None:
-                return None
-            torch.cuda.memory._dump_snapshot(str(path))
-            return path
+            if run_dir is not None:
+                path = run_dir / f"memory_snapshot_epoch{epoch}.pickle"
+                torch.cuda.memory._dump_snapshot(str(path))
+                self.log(f"memory snapshot written to {path} (open with https://pytorch.org/memory_viz)")
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)

@@ -21,6 +21,7 @@ from distlocal.parallel.sync import DeltaSync
 from distlocal.profiler.activations import ActivationCounter, CountingProbe
 from distlocal.profiler.footprint import track_footprint
 from distlocal.profiler.memory import cuda_peak, reset_cuda_peak
+from distlocal.profiler.report import fmt_bytes
 from distlocal.step import StepParts, train_step
 
 
@@ -140,6 +141,12 @@ class ReferenceStep:
             self.run()
             self.footprint = self.measure()
             return True
+
+    def describe(self, steps_per_epoch: int) -> str:
+        """The line a run logs once the reference is measured."""
+        return (f"all-SGD reference: a boundary-0 copy behind its own {type(self.engine).__name__}, "
+                f"{steps_per_epoch} steps per epoch between the run's; peak footprint "
+                f"{fmt_bytes((self.footprint or {}).get('footprint_ref_bytes'), binary=True)}")
 
     def run_timed(self, n: int, mark: Callable[[], Any]) -> list[tuple[Any, Any]]:
         """``n`` steps between two run steps, each between two ``mark()`` stamps (the run's RNG is

@@ -21,10 +21,12 @@ def ratio(ref: float | None, now: float | None) -> float | None:
     return ref / now if ref is not None and now else None
 
 
-def as_reference(fp: dict[str, Any]) -> dict[str, Any]:
-    """A run's own footprint keys renamed as the reference's (an epoch at boundary 0 is its reference)."""
-    return {k.replace("footprint_", "footprint_ref_", 1): v for k, v in fp.items()
-            if k.startswith("footprint_")}
+def as_reference(fp: dict[str, Any], act: int | None) -> dict[str, Any]:
+    """A run's own footprint keys and saved bytes ``act`` as the reference's (an epoch at boundary 0
+    is its own reference)."""
+    ref = {k.replace("footprint_", "footprint_ref_", 1): v for k, v in fp.items()
+           if k.startswith("footprint_")}
+    return {**ref, "cuda_step_peak_ref_bytes": fp.get("cuda_step_peak_bytes"), "activation_bytes_ref": act}
 
 
 def time_keys(step_time: float | None, ref_step: float | None, n_timed: int, n_ref: int, n_profiled: int,

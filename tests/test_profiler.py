@@ -339,6 +339,17 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == doc["headline"] == headline(doc)
 
 
+def test_the_last_line_says_why_there_is_no_speedup() -> None:
+    s = {"end_to_end_s": 2.0, "speedup": None}
+    assert "| speedup ? (no local epoch, so no all-SGD reference was run" in headline(
+        s, {"boundary": 0, "step_time_s": None})
+    assert "| speedup ? (no step was timed: the epochs were too short" in headline(
+        s, {"boundary": 2, "step_time_s": None})
+    assert "| speedup ? (no all-SGD reference step was timed: profiler.reference_steps=0) |" in headline(
+        s, {"boundary": 2, "step_time_s": 0.1, "step_time_ref_s": None})
+    assert "| speedup 1.50x vs all-SGD step |" in headline({**s, "speedup": 1.5}, {"boundary": 2})
+
+
 def test_disabled_profiler_is_inert() -> None:
     model = build_model("convnet", (3, 8, 8), 10)
     prof = Profiler(ProfilerConfig(enabled=False), model, "cpu")

@@ -31,8 +31,11 @@ def as_reference(fp: dict[str, Any], act: int | None) -> dict[str, Any]:
 
 def time_keys(step_time: float | None, ref_step: float | None, n_timed: int, n_ref: int, n_profiled: int,
               overhead_s: float) -> dict[str, Any]:
-    """An epoch's time keys: ``step_time_s``, ``step_time_ref_s``, ``speedup`` (ref / this), the step
-    counts and ``profiler_overhead_s``."""
+    """An epoch's time keys: ``step_time_s`` (the timed steps' wall time over their number; ``None``
+    when the epoch had no whole lever period to time), ``step_time_ref_s``, ``speedup`` (ref / this),
+    ``timed_steps``, ``reference_steps``, ``profiled_steps`` and ``profiler_overhead_s`` (what the
+    measurements added to the epoch: the reference steps, and the dedicated steps' excess over a
+    timed step). The phases (``phase_<name>_s``) come from :class:`~distlocal.profiler.timing.PhaseTimer`."""
     return {"step_time_s": step_time, "step_time_ref_s": ref_step, "speedup": ratio(ref_step, step_time),
             "timed_steps": n_timed, "reference_steps": n_ref, "profiled_steps": n_profiled,
             "profiler_overhead_s": overhead_s}
@@ -40,8 +43,12 @@ def time_keys(step_time: float | None, ref_step: float | None, n_timed: int, n_r
 
 def memory_keys(fp: dict[str, Any], ref: dict[str, Any], act: int | None,
                 act_stage: list[int] | None) -> dict[str, Any]:
-    """An epoch's footprint and activation keys, the run's (``fp``, ``act``) beside the reference's
-    (``ref``: ``footprint_ref_*``, ``activation_bytes_ref``, ``cuda_step_peak_ref_bytes``)."""
+    """An epoch's footprint and activation keys, the run's (``fp``, ``act``, ``act_stage``) beside the
+    reference's (``ref``): ``footprint_bytes``, ``footprint_<category>_bytes``, ``footprint_ref_bytes``
+    (and its categories), ``footprint_reduction`` (ref / this), ``cuda_step_peak_bytes`` /
+    ``cuda_step_peak_ref_bytes`` (CUDA allocator peak over the measured step; ``None`` on CPU),
+    ``activation_bytes``, ``activation_bytes_stage``, ``activation_bytes_ref`` and
+    ``activation_reduction`` (ref / this)."""
     row: dict[str, Any] = {k: fp.get(k) for k in FOOTPRINT_KEYS}
     row.update({k: v for k, v in ref.items() if k.startswith("footprint_ref_")})
     row["footprint_reduction"] = ratio(ref.get("footprint_ref_bytes"), fp.get("footprint_bytes"))

@@ -99,7 +99,7 @@ _PREFIX = {
     "ws_multiplier": "local/", "ws_backoffs": "local/", "auto_frozen": "local/",
     "val_loss": "val/", "val_acc": "val/",
     "grad_allreduce_bytes": "comm/", "delta_sync_bytes": "comm/",
-    # profiler (distlocal/profiler.py): the keys its prefix rules below do not already route
+    # profiler (distlocal/profiler/): the keys its prefix rules below do not already route
     "rss_bytes": "mem/", "profiled_steps": "time/", "timed_steps": "time/", "reference_steps": "time/",
     "profiler_overhead_s": "time/",
 }

@@ -1,12 +1,15 @@
 """The training loop: a :class:`Trainer` whose step reads top to bottom.
 
-A step (:meth:`Trainer.train_step`) is::
+A step (:meth:`Trainer.train_step`) is :func:`distlocal.step.train_step`, the one step of the
+project (the profiler's all-SGD reference and ``profiling/bench.py`` run it too)::
 
     h = learner.prefix_forward(x)   # local stages, no autograd; hooks accumulate lr * delta
     sync.launch(step, last)         # decide whether this step syncs (async: start the all-reduce)
     out = engine.forward(h)         # SGD suffix (DDP-wrapped)
     engine.backward_step(loss)      # gradients + all-reduce of the suffix only
     sync.step(loss)                 # one all-reduce of deltas, BN stats and loss; apply
+
+Its pieces are built by :mod:`distlocal.build`; the loop's state lives in :mod:`distlocal.loop`.
 
 The boundary moves (never back) at epoch starts, decided by the schedule
 (:meth:`Trainer.move_boundary`, also used when a checkpoint is restored).
@@ -16,19 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
@@ -36,49 +35,23 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distlocal import checkpoint, validation
+from distlocal.build import Data, autocast, build_data, build_step_parts, lr_lambda, seed_everything
 from distlocal.config import to_yaml
-from distlocal.data import Checked, build_datasets, build_eval_loader, build_loaders, count_skipped
+from distlocal.data import Checked, build_eval_loader, count_skipped
 from distlocal.errors import ConfigError
-from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import SAFE_LOCAL_LR, make_rule
+from distlocal.local.rules import SAFE_LOCAL_LR
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
+from distlocal.loop import LoopState, gather_sums, own_sums, rng_state, set_rng_state
 from distlocal.metrics import MetricsLogger
 from distlocal.models import StagedModel, build_model
-from distlocal.parallel.engine import Engine, build_engine
+from distlocal.parallel.build import build_engine
+from distlocal.parallel.engine import Engine
 from distlocal.parallel.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from distlocal.parallel.sync import DeltaSync, average_buffers
 from distlocal.profiler import Profiler, headline
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Same seed on every rank, so every replica starts from identical weights."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-
-
-def lr_lambda(cfg, steps_per_epoch: int):
-    """Per-step LR multiplier: linear warm-up, then cosine, step or constant."""
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(cfg.lr_warmup_epochs * steps_per_epoch)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
-        if cfg.lr_schedule == "step":
-            return cfg.lr_gamma ** (step // max(1, cfg.lr_step_epochs * steps_per_epoch))
-        return 1.0
-
-    return f
+from distlocal.step import StepParts, set_boundary, train_step
 
 
 def validate(cfg: DictConfig, world_size: int | None = None) -> None:
@@ -102,113 +75,12 @@ def _warn_and_alias(cfg: DictConfig) -> None:
                       f"'{cfg.local.rule}' (<= {limit}); see docs/local-rules.md", stacklevel=2)
 
 
-def _autocast(env: DistEnv, precision: str):
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
-    return torch.autocast(env.device.type, dtype=dtype, enabled=dtype is not None)
-
-
 EpochHook = Callable[[int, StagedModel, LocalLearner, Engine], None]
 StepHook = Callable[[int, int], None]
 
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite local updates in a row; a checkpoint was saved before stopping."""
-
-
-def _rng_state() -> dict[str, Any]:
-    # Plain values and tensors only, so the checkpoint loads with weights_only=True.
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                   *np_state[2:]), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
-    """Every rank's ``[loss_sum, n_seen]`` of the epoch in progress, by rank (mid-epoch checkpoints).
-
-    Each rank sums its own shard until the epoch-end all-reduce; a checkpoint that kept rank 0's
-    alone would make every resumed rank start from rank 0's sums (the epoch's train loss wrong).
-    """
-    t = torch.tensor(sums, dtype=torch.float64)
-    if not env.distributed:
-        return [t.tolist()]
-    if dist.get_backend() == "nccl":
-        t = t.to(env.device)
-    parts = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(parts, t)
-    return [p.cpu().tolist() for p in parts]
-
-
-def _own_sums(saved: list, saved_world: int, env: DistEnv) -> list[float]:
-    """This rank's share of the saved per-rank sums: its own on the same world size (exact);
-    otherwise rank 0 carries the total and the others start at zero (the same epoch mean)."""
-    if saved and not isinstance(saved[0], (list, tuple)):  # a checkpoint from before per-rank sums
-        saved = [list(saved)]
-    if saved_world == env.world_size and len(saved) == env.world_size:
-        return list(saved[env.rank])
-    total = [sum(s[0] for s in saved), sum(s[1] for s in saved)]
-    return total if env.is_main else [0.0, 0.0]
-
-
-@dataclass
-class Data:
-    """The loaders of a run and how many steps an epoch takes."""
-
-    train: DataLoader
-    test: DataLoader
-    val: DataLoader | None  # data.val_fraction > 0: the held-out split tuning looks at
-    sampler: Any
-    steps_per_epoch: int
-    in_shape: tuple[int, int, int]
-    num_classes: int
-
-
-def build_data(cfg: DictConfig, env: DistEnv) -> Data:
-    """This rank's shard of the training set, the test set (and the validation split, if any)."""
-    tc = cfg.trainer
-    bundle = build_datasets(cfg.data)
-    per_rank = tc.batch_size // env.world_size
-    train_loader, test_loader, sampler = build_loaders(
-        bundle, per_rank, env.rank, env.world_size, tc.seed, cfg.data.num_workers)
-    val_loader = None if bundle.val is None else build_eval_loader(
-        bundle.val, per_rank, env.rank, env.world_size, cfg.data.num_workers)
-    steps = len(train_loader) if tc.max_steps_per_epoch is None else min(
-        len(train_loader), tc.max_steps_per_epoch)
-    return Data(train_loader, test_loader, val_loader, sampler, steps, bundle.in_shape, bundle.num_classes)
-
-
-@dataclass
-class LoopState:
-    """Where the loop is, under the checkpoint's own key names (see :meth:`Trainer.state_dict`).
-
-    ``mid_epoch`` is set while an epoch is in progress: ``step_in_epoch`` of epoch ``epoch`` are
-    done. A fresh run is "epoch -1 finished".
-    """
-
-    epoch: int = -1
-    step_in_epoch: int = 0
-    mid_epoch: bool = False
-    global_step: int = 0
-    epoch_sums: list[float] = field(default_factory=lambda: [0.0, 0.0])  # loss_sum, n_seen of the epoch
-    boundaries: list[int] = field(default_factory=list)  # the boundary of each epoch run
-    best_acc: float = 0.0
-    acc: float = 0.0
-
-    @property
-    def start_epoch(self) -> int:
-        """The epoch to run next."""
-        return self.epoch if self.mid_epoch else self.epoch + 1
 
 
 class Trainer:
@@ -247,21 +119,16 @@ class Trainer:
         model = build_model(cfg.model, data.in_shape, data.num_classes).to(env.device)
         model.train()
         prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # docs/profiling.md
-        rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature)
         schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
-        # One process syncing every step has nothing to average or accumulate: no delta buffer.
-        learner = LocalLearner(model, rule, lc.update_every, lc.sample_fraction, lc.chunk_size,
-                               lc.chunk_bytes, direct=env.world_size == 1 and lc.sync_every == 1)
-        learner.auto_freeze = AutoFreeze.from_config(lc.auto_freeze)
-        sync = DeltaSync(learner, env, lc.sync_every, lc.sync_async, lc.sync_dtype, timer=prof.phase)
+        parts = build_step_parts(cfg, model, env, timer=prof.phase)
         ws = WeakSupervision.from_config(lc.weak_supervision)
-        engine = build_engine(cfg.engine, model, env, tc)
-        scheduler = LambdaLR(engine.optimizer, lr_lambda(tc, data.steps_per_epoch))
+        scheduler = LambdaLR(parts.engine.optimizer, lr_lambda(tc, data.steps_per_epoch))
         # The all-SGD reference: a boundary-0 copy behind the run's own engine, optimizer, precision
         # and loader, a few steps per epoch between the run's (built at the first local epoch).
         prof.attach_reference(lambda m: build_engine(cfg.engine, m, env, tc),
                               lambda: iter(Checked(data.train, env, lockstep=True)),
-                              autocast=lambda: _autocast(env, tc.precision))
+                              autocast=parts.autocast)
+        learner, sync, engine = parts.learner, parts.sync, parts.engine
         trainer = cls(cfg, run_dir, env, data, model, learner, sync, engine, scheduler, schedule, ws, prof)
         if resume is not None:
             trainer.load_state_dict(resume[1])
@@ -300,39 +167,29 @@ class Trainer:
         if target <= self.learner.boundary:
             return
         with self.prof.phase("rebuild") if timed else contextlib.nullcontext():
-            newly = self.learner.set_boundary(target)
-            self.engine.set_boundary(target, newly)
+            set_boundary(self.learner, self.engine, target)
         self.ws.reset_reference()
 
     # ---------------------------------------------------------------- one step
     def train_step(self, step: int, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """One LoCal+SGD step on the next batch: the prefix learns in its forward, the suffix by SGD."""
-        prof, env, learner, engine = self.prof, self.env, self.learner, self.engine
+        """One LoCal+SGD step on the next batch (:func:`distlocal.step.train_step`): the prefix
+        learns in its forward, the suffix by SGD; the profiler measures it from outside."""
+        prof, env = self.prof, self.env
         prof.step_begin(step)                                 # times a few steps, phase by phase
         with prof.phase("data"):
             x, y = next(batches)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        learner.lr = self.cfg.local.lr * self.ws.multiplier   # weak supervision scales the local lr
+        self.learner.lr = self.cfg.local.lr * self.ws.multiplier  # weak supervision scales the local lr
         # One step per epoch (the second) is measured, peak footprint by category and bytes
         # saved for backward, and left out of the timing.
-        with prof.footprint((self.model,), (engine.optimizer,), (learner.buffer,)):
-            with prof.activations():                          # the same step: bytes saved for backward
-                with prof.phase("prefix"), self.autocast():
-                    h = learner.prefix_forward(x, step)       # local stages: no graph, deltas in hooks
-                # No delta, no sync; with sync_async the all-reduce starts here, overlapping the suffix.
-                self.sync.launch(step, last=step == self.data.steps_per_epoch - 1)
-                with prof.phase("suffix_fwd"), self.autocast():
-                    out = engine.forward(h)
-                    loss = F.cross_entropy(out.float(), y)
-            with prof.phase("backward"):                      # optimizer.step is timed apart (hooks)
-                engine.backward_step(loss)                    # suffix grads + their all-reduce
-            self.scheduler.step()                             # the SGD lr moves per step (warm-up, cosine)
-            loss_val = float(loss.detach())
-            synced = self.sync.step(loss_val)                 # at a sync: the averaged update applied
-            if synced.skipped:                                # a non-finite update: lower the local lr
-                self.ws.backoff()
-            if synced.mean_loss is not None:
-                self.ws.update(synced.mean_loss)
+        with prof.footprint((self.model,), (self.engine.optimizer,), (self.learner.buffer,)):
+            loss, synced = train_step(self.parts, x, y, step, last=step == self.data.steps_per_epoch - 1,
+                                      probe=prof)
+        if synced.skipped:                                    # a non-finite update: lower the local lr
+            self.ws.backoff()
+        if synced.mean_loss is not None:
+            self.ws.update(synced.mean_loss)
+        loss_val = float(loss)
         sums = self.loop.epoch_sums
         if math.isfinite(loss_val):
             sums[0] += loss_val * y.numel()
@@ -340,9 +197,15 @@ class Trainer:
         self.loop.global_step += 1
         prof.step_end()
 
+    @property
+    def parts(self) -> StepParts:
+        """What :func:`distlocal.step.train_step` runs through: this run's learner, engine, sync,
+        LR scheduler and autocast."""
+        return StepParts(self.learner, self.engine, self.sync, self.scheduler, self.autocast)
+
     def autocast(self) -> AbstractContextManager[None]:
         """Mixed precision as ``trainer.precision`` says (a no-op in fp32)."""
-        return _autocast(self.env, self.cfg.trainer.precision)
+        return autocast(self.env, self.cfg.trainer.precision)
 
     # ---------------------------------------------------------------- one epoch
     def run_epoch(self, epoch: int) -> dict[str, Any]:
@@ -392,12 +255,12 @@ class Trainer:
         # (the sampler's order is a function of (seed, epoch) alone, so skipping them is exact).
         rng, self._resume_rng = self._resume_rng, None
         if rng is not None and first == 0:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         batches = iter(Checked(self.data.train, self.env, lockstep=True))  # data.on_corrupt (data/corrupt.py)
         for _ in range(first):
             next(batches)
         if rng is not None and first > 0:
-            _set_rng_state(rng)
+            set_rng_state(rng)
         return batches
 
     def _after_step(self, epoch: int, step: int) -> None:
@@ -504,10 +367,10 @@ class Trainer:
         """
         state = {name: None if part is None else part.state_dict() for name, part in self._parts().items()}
         loop = asdict(self.loop)
-        loop["epoch_sums"] = _gather_sums(loop["epoch_sums"], self.env) if loop["mid_epoch"] \
+        loop["epoch_sums"] = gather_sums(loop["epoch_sums"], self.env) if loop["mid_epoch"] \
             else [loop["epoch_sums"]]
         state.update(loop)
-        state.update(boundary=self.learner.boundary, world_size=self.env.world_size, rng=_rng_state(),
+        state.update(boundary=self.learner.boundary, world_size=self.env.world_size, rng=rng_state(),
                      transition=self.transition if self.loop.mid_epoch else None)
         return state
 
@@ -529,7 +392,7 @@ class Trainer:
         self.loop = LoopState(**{f.name: state[f.name] for f in fields(LoopState)})
         self.loop.boundaries = list(self.loop.boundaries)
         if self.loop.mid_epoch:
-            self.loop.epoch_sums = _own_sums(state["epoch_sums"], state["world_size"], self.env)
+            self.loop.epoch_sums = own_sums(state["epoch_sums"], state["world_size"], self.env)
             self.loop.boundaries = self.loop.boundaries[:-1]  # the epoch in progress re-records its boundary
             self.transition = state["transition"]
         self._resume_rng = state["rng"]
@@ -574,7 +437,7 @@ class Trainer:
             "data_skipped": sum(r.get("data_skipped", 0) for r in self.logger.rows),
         })
         if summary.get("speedup") is not None or "footprint_bytes" in summary:
-            summary["headline"] = headline(summary)
+            summary["headline"] = headline(summary, row)
         self.logger.finish(summary)
         if self.env.is_main and "headline" in summary:
             print(summary["headline"], flush=True)  # the run's last line

@@ -17,13 +17,17 @@ machine slows them alike:
   chunks as the local step's): what a local layer must cost at least (forward + one GEMM), the
   limit for ``update_every=1``.
 
-The step is :func:`distlocal.profiler.train_step` (what the calibration uses too). Timing: windows
-of ``P = lcm(update_every, sync_every)`` consecutive steps, starting at a period boundary, so every
-window holds the same number of deltas and syncs as the run does on average and no lever can
-flatter the figure; the per-step time is the window over ``P``, and the reported figure the median
+The step is :func:`distlocal.step.train_step`, the trainer's own step, through parts built as a
+1-process run builds them (:func:`distlocal.build.build_step_parts`: the learner and its delta sync
+from ``local.*``, a DDP engine, without a process group on one process, with the trainer's default
+optimizer; no LR scheduler); ``tests/test_step.py`` checks it gives the trainer's weights bit for bit.
+Timing: windows of ``P = lcm(update_every, sync_every)`` consecutive steps, starting at a period
+boundary, so every window holds the same number of deltas and syncs as the run does on average and no lever
+can flatter the figure; the per-step time is the window over ``P``, and the reported figure the median
 over ``--steps`` windows (CUDA events on GPU). Memory: ``*_act_bytes`` are
 :class:`distlocal.profiler.ActivationCounter`'s bytes saved for backward (first, untimed step);
-``*_peak_bytes`` the whole step's peak footprint from :func:`distlocal.footprint.measure_footprint`
+``*_peak_bytes`` the whole step's peak footprint from
+:func:`distlocal.profiler.footprint.measure_footprint`
 on the second, untimed step (plus ``torch.cuda.max_memory_allocated`` on CUDA as
 ``*_cuda_peak_bytes``); ``local_local_bytes`` is the ``local`` category (rule temporaries and delta
 buffer) at the local step's peak. ``--precision bf16|16`` runs the forward under autocast.
@@ -36,7 +40,6 @@ for every variant ``<v>``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -49,14 +52,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
-from distlocal.config import LocalConfig
-from distlocal.footprint import measure_footprint
+from distlocal.build import build_step_parts
+from distlocal.config import LocalConfig, compose
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import RULES, correlation_sum, make_rule
+from distlocal.local.rules import RULES, correlation_sum
 from distlocal.models import StagedModel, build_model
-from distlocal.profiler import ActivationCounter, train_step
+from distlocal.parallel.env import DistEnv
+from distlocal.profiler import ActivationCounter
+from distlocal.profiler.activations import CountingProbe
+from distlocal.profiler.footprint import measure_footprint
+from distlocal.step import StepParts, set_boundary, train_step
 
 VARIANTS = ("sgd", "local", "frozen", "ideal")
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
@@ -64,12 +72,11 @@ PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 @dataclass
 class Variant:
-    """One model copy, its learner at the variant's boundary and its suffix optimizer."""
+    """One model copy and the parts its step runs through, at the variant's boundary."""
 
     name: str
     model: StagedModel
-    learner: LocalLearner
-    optimizer: torch.optim.Optimizer
+    parts: StepParts
     times: list[float]
     act_bytes: int = 0
     step: int = 0
@@ -95,24 +102,33 @@ def _gemm_hook(learner: LocalLearner) -> Callable[[nn.Module, tuple[torch.Tensor
     return hook
 
 
-def make_variant(name: str, base: StagedModel, boundary: int, args: argparse.Namespace) -> Variant:
-    """A fresh copy of ``base`` set up as ``name`` at ``boundary`` (``sgd`` ignores the boundary)."""
+def run_config(args: argparse.Namespace, rule: str) -> DictConfig:
+    """The run config the bench's steps are built from: ``mode=local`` with ``--rule`` (``freeze``:
+    ``mode=freeze``), the local levers and the precision from ``args``, everything else the defaults."""
+    mode = ["mode=freeze"] if rule == "freeze" else ["mode=local", f"local.rule={rule}"]
+    return compose([*mode, f"local.lr={args.local_lr}", f"local.update_every={args.update_every}",
+                    f"local.sync_every={args.sync_every}", f"local.sample_fraction={args.sample_fraction}",
+                    f"local.chunk_size={args.chunk_size}", f"local.chunk_bytes={args.chunk_bytes}",
+                    f"trainer.precision={args.precision}", f"trainer.batch_size={args.batch_size}",
+                    "engine=ddp"])
+
+
+def make_variant(name: str, base: StagedModel, boundary: int, cfgs: dict[str, DictConfig],
+                 device: torch.device) -> Variant:
+    """A fresh copy of ``base`` set up as ``name`` at ``boundary`` (``sgd`` ignores the boundary), its
+    parts built as a 1-process run of ``cfgs["local"]`` (``cfgs["freeze"]`` for frozen and ideal)."""
     model = copy.deepcopy(base)
-    rule = "freeze" if name in ("frozen", "ideal") else args.rule
-    # direct: one process syncing every step keeps no delta buffer, as the trainer does.
-    learner = LocalLearner(model, make_rule(rule), args.update_every, args.sample_fraction,
-                           args.chunk_size, args.chunk_bytes, direct=args.sync_every == 1)
-    learner.lr = args.local_lr  # > 0, or the hooks would skip the delta
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+    cfg = cfgs["freeze" if name in ("frozen", "ideal") else "local"]
+    parts = build_step_parts(cfg, model, env)
+    parts.learner.lr = cfg.local.lr  # > 0, or the hooks would skip the delta (the trainer's lr at start)
     hooks = []
     if name != "sgd" and boundary > 0:
-        learner.set_boundary(boundary)
+        set_boundary(parts.learner, parts.engine, boundary)
         if name == "ideal":
-            hooks = [m.register_forward_hook(_gemm_hook(learner)) for s in model.stages[:boundary]
+            hooks = [m.register_forward_hook(_gemm_hook(parts.learner)) for s in model.stages[:boundary]
                      for m in s.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    # The trainer's default optimizer: SGD with momentum and weight decay, over the suffix only.
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                          weight_decay=5e-4)
-    return Variant(name, model, learner, opt, [], hooks=hooks)
+    return Variant(name, model, parts, [], hooks=hooks)
 
 
 def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], Any]], float]:
@@ -142,32 +158,27 @@ def timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], A
 
 
 def bench_boundary(base: StagedModel, boundary: int, x: torch.Tensor, y: torch.Tensor,
-                   args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+                   args: argparse.Namespace, device: torch.device,
+                   cfgs: dict[str, DictConfig]) -> dict[str, Any]:
     """Measure the variants at ``boundary`` in alternation; one JSON row."""
-    variants = [make_variant(n, base, boundary, args) for n in VARIANTS]
+    variants = [make_variant(n, base, boundary, cfgs, device) for n in VARIANTS]
     time_one = timer(device, args.clock)
-    dtype = PRECISIONS[args.precision]
-
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     def step(v: Variant) -> None:
-        train_step(v.model, v.learner, v.optimizer, x, y, v.step, autocast=autocast,
-                   sync_every=args.sync_every)
+        train_step(v.parts, x, y, v.step)
         v.step += 1
 
     period = math.lcm(args.update_every, args.sync_every)
     for v in variants:
         # Step 0 counts saved bytes, step 1 the peak footprint: both untimed.
         counter = ActivationCounter(v.model.stages)
-        train_step(v.model, v.learner, v.optimizer, x, y, v.step, counter=counter, autocast=autocast,
-                   sync_every=args.sync_every)
+        train_step(v.parts, x, y, v.step, probe=CountingProbe(counter))
         v.act_bytes, v.step = counter.total, v.step + 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        fp = measure_footprint(lambda v=v: step(v), device, modules=(v.model,), optimizers=(v.optimizer,),
-                               local=(v.learner.buffer,))
+        fp = measure_footprint(lambda v=v: step(v), device, modules=(v.model,),
+                               optimizers=(v.parts.engine.optimizer,), local=(v.parts.learner.buffer,))
         v.footprint = {"peak_bytes": fp.total, "local_bytes": fp.by_category["local"]}
         if device.type == "cuda":
             v.footprint["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
@@ -180,7 +191,7 @@ def bench_boundary(base: StagedModel, boundary: int, x: torch.Tensor, y: torch.T
             if rep >= args.warmup - 1:
                 v.times.append(t / period)
     for v in variants:
-        v.learner.remove_hooks()
+        v.parts.learner.remove_hooks()
         for h in v.hooks:
             h.remove()
     row: dict[str, Any] = {"boundary": boundary}
@@ -276,9 +287,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"chunk_size {args.chunk_size}, chunk_bytes {args.chunk_bytes}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, torch threads {torch.get_num_threads()}",
           file=sys.stderr)
+    cfgs = {"local": run_config(args, args.rule), "freeze": run_config(args, "freeze")}
     rows = []
     for b in boundaries:
-        rows.append(bench_boundary(base, b, x, y, args, device))
+        rows.append(bench_boundary(base, b, x, y, args, device, cfgs))
         print(f"bench: boundary {b} done", file=sys.stderr, flush=True)
     doc = {"model": args.model, "device": str(device), "batch_size": args.batch_size, "rule": args.rule,
            "update_every": args.update_every, "sync_every": args.sync_every,

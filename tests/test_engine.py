@@ -13,8 +13,8 @@ from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import build_model
+from distlocal.parallel.build import build_engine
 from distlocal.parallel.ddp import DDPEngine
-from distlocal.parallel.engine import build_engine
 
 
 def _engine(env) -> tuple[DDPEngine, LocalLearner]:

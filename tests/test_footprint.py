@@ -1,4 +1,4 @@
-"""distlocal.footprint: the one wrapper around torch's private MemTracker, pinned by hand counts."""
+"""distlocal.profiler.footprint: the one wrapper around torch's private MemTracker, pinned by hand counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distlocal.footprint import local_scope, measure_footprint
+from distlocal.profiler.footprint import local_scope, measure_footprint
 
 B, D, H, C = 5, 7, 11, 3  # distinct primes so a wrong term shows
 F32 = 4

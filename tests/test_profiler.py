@@ -15,11 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from distlocal.config import ProfilerConfig
+from distlocal.config import DDPEngineConfig, ProfilerConfig, TrainerConfig
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import make_rule
 from distlocal.models import StagedModel, build_model
+from distlocal.parallel.ddp import DDPEngine
 from distlocal.parallel.engine import drop_from_optimizer
+from distlocal.parallel.env import DistEnv
+from distlocal.parallel.sync import DeltaSync
 from distlocal.profiler import (
     HEADLINE_KEYS,
     ActivationCounter,
@@ -29,12 +32,25 @@ from distlocal.profiler import (
     nvml_used_bytes,
     plan_epoch,
     saved_activation_bytes,
-    train_step,
 )
+from distlocal.profiler.activations import CountingProbe
+from distlocal.step import StepParts, set_boundary, train_step
 
 REPO = Path(__file__).resolve().parent.parent
 B, D, H, C = 5, 7, 11, 3  # batch, input, hidden, classes: distinct primes so a wrong term shows
 F32, I64 = 4, 8
+ENV = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _counted_step(model: StagedModel, learner: LocalLearner, boundary: int, x: torch.Tensor,
+                  y: torch.Tensor) -> ActivationCounter:
+    """One step of distlocal.step.train_step at ``boundary`` (1-process DDP engine, lr 0), its saved
+    bytes counted."""
+    engine = DDPEngine(model, ENV, TrainerConfig(lr=0.0), DDPEngineConfig())
+    set_boundary(learner, engine, boundary)
+    counter = ActivationCounter(model.stages)
+    train_step(StepParts(learner, engine, DeltaSync(learner, ENV)), x, y, 0, probe=CountingProbe(counter))
+    return counter
 
 
 def _load_script(name: str):
@@ -78,12 +94,8 @@ def test_activation_bytes_match_hand_count(boundary: int) -> None:
     model = _mlp()
     learner = LocalLearner(model, make_rule("softhebb"))
     learner.lr = 1e-3  # the hooks really compute deltas in the prefix (under no_grad)
-    if boundary:
-        learner.set_boundary(boundary)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     x, y = torch.randn(B, D), torch.randint(C, (B,))
-    counter = ActivationCounter(model.stages)
-    train_step(model, learner, opt, x, y, counter=counter)
+    counter = _counted_step(model, learner, boundary, x, y)
     assert counter.per_stage == EXPECTED[boundary]
     assert counter.other == LOSS
     assert counter.total == sum(EXPECTED[boundary]) + LOSS
@@ -111,12 +123,8 @@ def test_split_step_on_a_convnet_shows_zero_local_bytes() -> None:
     learner = LocalLearner(model, make_rule("softhebb"))
     learner.lr = 1e-3
     x, y = torch.randn(4, 3, 16, 16), torch.randint(10, (4,))
-    full = ActivationCounter(model.stages)
-    train_step(model, learner, torch.optim.SGD(model.parameters(), lr=0.0), x, y, counter=full)
-    learner.set_boundary(3)
-    split = ActivationCounter(model.stages)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    train_step(model, learner, opt, x, y, counter=split)
+    full = _counted_step(model, learner, 0, x, y)
+    split = _counted_step(model, learner, 3, x, y)
     assert split.per_stage[:3] == [0, 0, 0]
     assert all(b > 0 for b in full.per_stage[:3])
     assert 0 < split.total < full.total
@@ -158,14 +166,17 @@ def test_plan_epoch_times_whole_lever_periods() -> None:
 
 
 class _TinyEngine:
-    """A single-process engine (what DDPEngine is without a process group): forward, backward, step."""
+    """A single-process engine (what DDPEngine is without a process group): the suffix from the
+    learner's boundary (0 without one), backward, step; ``clock`` advances by ``cost`` per step."""
 
-    def __init__(self, model: StagedModel, clock: list[float] | None = None, cost: float = 0.0) -> None:
-        self.model, self.clock, self.cost = model, clock, cost
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    def __init__(self, model: StagedModel, clock: list[float] | None = None, cost: float = 0.0,
+                 optimizer: torch.optim.Optimizer | None = None, learner: LocalLearner | None = None) -> None:
+        self.model, self.clock, self.cost, self.learner, self.env = model, clock, cost, learner, ENV
+        self.optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model(h)
+        boundary = self.learner.boundary if self.learner is not None else 0
+        return self.model.forward_range(h, boundary, self.model.num_stages)
 
     def backward_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -178,9 +189,11 @@ class _TinyEngine:
 def _epoch(prof: Profiler, model: StagedModel, learner: LocalLearner, opt: torch.optim.Optimizer,
            steps: int = 4, shape: tuple[int, ...] = (4, 3, 16, 16), classes: int = 10,
            clock: list[float] | None = None, cost: float = 0.0) -> dict:
-    """One profiled 'epoch' the way the trainer drives it (see the integration in trainer.py);
-    with ``clock``, each step advances the fake clock by ``cost``."""
+    """One profiled 'epoch' the way the trainer drives it (see Trainer.train_step): the step is
+    distlocal.step.train_step; with ``clock``, each step advances the fake clock by ``cost``."""
     prof.epoch_start(opt, steps=steps, boundary=learner.boundary)
+    parts = StepParts(learner, _TinyEngine(model, optimizer=opt, learner=learner),
+                      DeltaSync(learner, ENV, timer=prof.phase))
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)  # not the global RNG: tests check the profiler leaves it alone
     x, y = torch.randn(shape, generator=g).to(dev), torch.randint(classes, (shape[0],), generator=g).to(dev)
@@ -189,19 +202,7 @@ def _epoch(prof: Profiler, model: StagedModel, learner: LocalLearner, opt: torch
         with prof.phase("data"):
             xs, ys = x.clone(), y.clone()
         with prof.footprint((model,), (opt,), (learner.buffer,)):
-            with prof.activations():
-                with prof.phase("prefix"):
-                    h = learner.prefix_forward(xs, step)
-                with prof.phase("suffix_fwd"):
-                    out = model.forward_range(h, learner.boundary, model.num_stages)
-                    loss = nn.functional.cross_entropy(out, ys)
-            with prof.phase("backward"):
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            with prof.phase("sync"):
-                learner.pack_stats()
-                learner.apply()
+            train_step(parts, xs, ys, step, last=step == steps - 1, probe=prof)
         if clock is not None:
             clock[0] += cost
         prof.step_end()
@@ -298,15 +299,15 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     be exactly 1 / (1 + L*D/update_every + E/max(update_every, sync_every)) (a sync ends only a sync
     period that computed a delta: no delta, no all-reduce): a window that missed a period's delta
     or all-reduce would not give it."""
-    from distlocal import profiler as profiler_mod
     from distlocal.config import compose
     from distlocal.local.rules import LocalRule
     from distlocal.parallel.ddp import DDPEngine
+    from distlocal.profiler import timing
     from distlocal.trainer import train
 
     clock = [0.0]
     cost_d, cost_e = 0.125, 0.5
-    monkeypatch.setattr(profiler_mod, "_clock", lambda: clock[0])
+    monkeypatch.setattr(timing, "default_clock", lambda: clock[0])
 
     def wrap(fn, cost):  # noqa: ANN001, ANN202
         def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
@@ -336,6 +337,17 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     assert doc["speedup"] == summary["speedup"] == rows[1]["speedup"]
     assert doc["footprint_bytes"] == rows[1]["footprint_bytes"] < doc["footprint_ref_bytes"]
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == doc["headline"] == headline(doc)
+
+
+def test_the_last_line_says_why_there_is_no_speedup() -> None:
+    s = {"end_to_end_s": 2.0, "speedup": None}
+    assert "| speedup ? (no local epoch, so no all-SGD reference was run" in headline(
+        s, {"boundary": 0, "step_time_s": None})
+    assert "| speedup ? (no step was timed: the epochs were too short" in headline(
+        s, {"boundary": 2, "step_time_s": None})
+    assert "| speedup ? (no all-SGD reference step was timed: profiler.reference_steps=0) |" in headline(
+        s, {"boundary": 2, "step_time_s": 0.1, "step_time_ref_s": None})
+    assert "| speedup 1.50x vs all-SGD step |" in headline({**s, "speedup": 1.5}, {"boundary": 2})
 
 
 def test_disabled_profiler_is_inert() -> None:

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from distlocal.footprint import local_scope
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.rules import LocalRule, chunk_rows, is_finite
+from distlocal.local.scope import local_scope
 from distlocal.models.staged import StagedModel
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

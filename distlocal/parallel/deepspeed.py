@@ -37,7 +37,6 @@ and the loss scale). Under ZeRO 1/2 assembling it is a collective: **every rank 
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +48,16 @@ from torch import nn
 from distlocal.config import DeepSpeedEngineConfig, TrainerConfig
 from distlocal.errors import ConfigError
 from distlocal.models.staged import StagedModel
+from distlocal.parallel.ds_config import (
+    LP_DTYPES,
+    check_precision,
+    ds_config,
+    ensure_process_group,
+    import_deepspeed,
+)
 from distlocal.parallel.engine import Engine, build_optimizer
 from distlocal.parallel.env import DistEnv
 
-_LP_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16}
 # Dynamic loss-scaler attributes carried across a rebuild (fp16), where the scaler has them.
 _SCALER_ATTRS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 _MASTER = "__fp32_master__"  # pseudo state key: the fp32 master weight of a bf16/fp16 parameter
@@ -74,25 +79,6 @@ class _Fragment:
     numel: int
 
 
-def _import_deepspeed(device: torch.device) -> Any:
-    """Import deepspeed with the accelerator matching ``device`` (it is chosen once, at first use)."""
-    if device.type == "cpu":
-        # DeepSpeed picks CUDA whenever it is installed; on CPU it must be told, before import.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ConfigError(
-            "engine=deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from exc
-    accel = get_accelerator().device_name()
-    if accel != device.type:
-        raise ConfigError(
-            f"engine=deepspeed: DeepSpeed's accelerator is '{accel}' but trainer.device resolved to "
-            f"'{device.type}'; set DS_ACCELERATOR={device.type} (CPU runs: DS_ACCELERATOR=cpu)")
-    return deepspeed
-
-
 class DeepSpeedEngine(Engine):
     """A DeepSpeed engine over ``stages[boundary:]``, rebuilt (state carried) when the boundary moves."""
 
@@ -109,10 +95,10 @@ class DeepSpeedEngine(Engine):
                 "the parameters themselves, which the local prefix updates in place: see docs/deepspeed.md)")
         if cfg.gradient_clipping < 0:
             raise ConfigError("engine.gradient_clipping must be >= 0 (0 = off)")
-        self._ds = _import_deepspeed(env.device)
-        self.lp_dtype: torch.dtype | None = _LP_DTYPES.get(trainer_cfg.precision)
-        self._check_precision()
-        self._ensure_process_group()
+        self._ds = import_deepspeed(env.device)
+        self.lp_dtype: torch.dtype | None = LP_DTYPES.get(trainer_cfg.precision)
+        check_precision(self.lp_dtype)
+        ensure_process_group(env, cfg.backend)
         self._optimizer = build_optimizer(self.suffix_parameters(), trainer_cfg)
         # The parameters of each group in build order; ZeRO replaces group["params"] by flat
         # tensors, and a rebuild restores these lists (minus the newly local parameters).
@@ -123,61 +109,10 @@ class DeepSpeedEngine(Engine):
         self._build()
 
     # ------------------------------------------------------------------ set-up
-    def _check_precision(self) -> None:
-        from deepspeed.accelerator import get_accelerator
-
-        accel = get_accelerator()
-        if self.lp_dtype is torch.bfloat16 and not accel.is_bf16_supported():
-            raise ConfigError(
-                f"trainer.precision=bf16 with engine=deepspeed: the {accel.device_name()} accelerator "
-                "does not support bf16; use trainer.precision=32")
-        if self.lp_dtype is torch.float16 and not accel.is_fp16_supported():
-            raise ConfigError(
-                f"trainer.precision=16 with engine=deepspeed: the {accel.device_name()} accelerator "
-                "does not support fp16; use trainer.precision=bf16 or 32")
-
-    def _ensure_process_group(self) -> None:
-        """DeepSpeed always needs a process group; a plain ``python`` run gets a 1-rank one."""
-        if dist.is_initialized():
-            return
-        if self.env.distributed:  # init_distributed would have made it
-            raise RuntimeError("world size > 1 but no process group: call init_distributed first")
-        backend = self.cfg.backend if self.cfg.backend != "auto" else (
-            "nccl" if self.env.device.type == "cuda" else "gloo")
-        # An in-memory store: no port to pick, nothing else to rendezvous with.
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-        # DeepSpeed asserts the launcher's variables are set; a single process is rank 0 of 1.
-        for var, value in (("LOCAL_RANK", "0"), ("RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(var, value)
-
     def ds_config(self) -> dict[str, Any]:
-        """The DeepSpeed config dict composed from ``engine.*`` and ``trainer.*``."""
-        per_rank = self.trainer_cfg.batch_size // self.env.world_size
-        zero: dict[str, Any] = {"stage": self.cfg.zero_stage}
-        if self.cfg.zero_stage > 0:
-            # ZeRO allocates its reduction bucket at full size: 5e8 elements (DeepSpeed's default)
-            # made a CPU step of an 0.3M-parameter suffix take 3 s instead of 0.2 s. A bucket
-            # larger than the whole suffix gradient buys nothing, so cap both at it (even: the
-            # all-gather bucket must be a multiple of 2).
-            numel = sum(p.numel() for p in self.suffix_parameters())
-            cap = max(2, numel + numel % 2)
-            zero.update(allgather_bucket_size=min(int(self.cfg.allgather_bucket_size), cap),
-                        reduce_bucket_size=min(int(self.cfg.reduce_bucket_size), cap),
-                        overlap_comm=self.cfg.overlap_comm)
-        return {
-            "train_micro_batch_size_per_gpu": per_rank,
-            "gradient_accumulation_steps": 1,
-            "train_batch_size": per_rank * self.env.world_size,
-            "zero_optimization": zero,
-            "gradient_clipping": self.cfg.gradient_clipping,
-            "bf16": {"enabled": self.lp_dtype is torch.bfloat16},
-            "fp16": {"enabled": self.lp_dtype is torch.float16},
-            "wall_clock_breakdown": self.cfg.wall_clock_breakdown,
-            # A torch SGD/AdamW under ZeRO is "untested" for DeepSpeed; it steps flat fp32
-            # partitions elementwise, which is exactly the same maths.
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed's own lines would be noise
-        }
+        """The DeepSpeed config dict composed from ``engine.*`` and ``trainer.*`` (:func:`ds_config`)."""
+        numel = sum(p.numel() for p in self.suffix_parameters())
+        return ds_config(self.cfg, self.trainer_cfg, self.env.world_size, self.lp_dtype, numel)
 
     def _local_parameters(self) -> list[nn.Parameter]:
         return [p for s in self.model.stages[: self.boundary] for p in s.parameters()]

@@ -91,17 +91,3 @@ class Engine(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def build_engine(cfg, model: StagedModel, env: DistEnv, trainer_cfg: TrainerConfig) -> Engine:
-    """The engine named by ``engine=`` (``cfg`` is the ``engine`` config group)."""
-    # Imported here: the engines import this module, and DDP runs need no deepspeed install.
-    if cfg.name == "ddp":
-        from distlocal.parallel.ddp import DDPEngine
-
-        return DDPEngine(model, env, trainer_cfg, cfg)
-    if cfg.name == "deepspeed":
-        from distlocal.parallel.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, env, trainer_cfg, cfg)
-    raise ConfigError(f"unknown engine '{cfg.name}'; valid: ddp, deepspeed")

@@ -14,9 +14,9 @@ Two things are ours:
   a parameter with ``requires_grad=False`` — exactly our local prefix. Modules whose parameters do
   not all require grad get no hook (their parameters have no gradient to track; a container mixing
   both is covered by its trainable children, which are entered too).
-* Tensors allocated inside :func:`local_scope` (the local rule's delta computation, see
-  ``distlocal/local/learner.py``) are filed as ``local`` instead of ``activation``, so the rule's
-  temporaries show as a category of their own. Outside a measurement the scope is one global read.
+* Tensors allocated inside :func:`distlocal.local.scope.local_scope` (the local rule's delta
+  computation, see ``distlocal/local/learner.py``) are filed as ``local`` instead of ``activation``,
+  so the rule's temporaries show as a category of their own.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import torch
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+from distlocal.local.scope import SCOPE, local_scope
+
 # MemTracker's category (its enum member) -> our key; OTH is only ever used for the local scope and
 # the tensors passed as ``local=`` below.
 CATEGORIES: dict[Any, str] = {
@@ -42,20 +44,6 @@ CATEGORIES: dict[Any, str] = {
     _MemRefType.OTH: "local",
 }
 _TOTAL = "Total"
-_SCOPE = {"depth": 0, "tracking": 0}
-
-
-@contextlib.contextmanager
-def local_scope() -> Iterator[None]:
-    """Mark tensors allocated inside as the local rule's (category ``local``) during a measurement."""
-    if not _SCOPE["tracking"]:
-        yield
-        return
-    _SCOPE["depth"] += 1
-    try:
-        yield
-    finally:
-        _SCOPE["depth"] -= 1
 
 
 class _Tracker(MemTracker):
@@ -68,7 +56,7 @@ class _Tracker(MemTracker):
         return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
 
     def _track(self, reftype: Any, t: torch.Tensor) -> None:
-        if _SCOPE["depth"] and reftype == _MemRefType.ACT:
+        if SCOPE["depth"] and reftype == _MemRefType.ACT:
             reftype = _MemRefType.OTH
         super()._track(reftype, t)
 
@@ -105,12 +93,12 @@ def track_footprint(
     tracker.track_external(*modules, *optimizers)
     for t in local:
         tracker._update_and_maybe_create_winfos(t, _MemRefType.OTH)
-    _SCOPE["tracking"] += 1
+    SCOPE["tracking"] += 1
     try:
         with tracker:
             yield result
     finally:
-        _SCOPE["tracking"] -= 1
+        SCOPE["tracking"] -= 1
     snaps = tracker.get_tracker_snapshot("peak")
     # MemTracker keys CUDA devices with an index; match on type (one device per process here).
     snap = next((s for d, s in snaps.items() if d.type == dev.type), {})
@@ -136,3 +124,6 @@ def measure_footprint(
     with track_footprint(device, modules, optimizers, local) as fp:
         fn()
     return fp
+
+
+__all__ = ["CATEGORIES", "Footprint", "local_scope", "measure_footprint", "track_footprint"]

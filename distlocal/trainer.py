@@ -37,7 +37,7 @@ from tqdm import tqdm
 from distlocal import checkpoint, validation
 from distlocal.build import Data, autocast, build_data, build_step_parts, lr_lambda, seed_everything
 from distlocal.config import to_yaml
-from distlocal.data import Checked, build_eval_loader, count_skipped
+from distlocal.data import Checked, count_skipped
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner
 from distlocal.local.rules import SAFE_LOCAL_LR

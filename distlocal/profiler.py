@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distlocal.footprint import CATEGORIES, track_footprint
+from distlocal.timeline import TimelineRecorder
 
 if TYPE_CHECKING:
     # Only for hints: importing distlocal.config pulls in Hydra, which the profiler and
@@ -261,6 +262,10 @@ def model_memory(model: nn.Module, optimizer: torch.optim.Optimizer | None = Non
         "grad_bytes": sum(_nbytes(p.grad) for p in params if p.grad is not None),
         "optim_state_bytes": state,
     }
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _sync(device: torch.device) -> None:
@@ -527,6 +532,10 @@ class Profiler:
         if self.memory_snapshot and self.device.type != "cuda":
             self._log("profiler.memory_snapshot is CUDA-only; skipped on " + self.device.type)
             self.memory_snapshot = False
+        # profiler.timeline: one step's memory over time, drawn at the end (distlocal/timeline.py);
+        # rank 0 alone, as it alone writes the run directory.
+        self.timeline = (TimelineRecorder(self.device, self.run_dir, self._log, lambda: not self._snapshot_on)
+                         if self.enabled and cfg.timeline and self.run_dir is not None and _rank0() else None)
         self._watched: set[int] = set()
         self._opt_handles: list[Any] = []
         self._ref: ReferenceStep | None = None
@@ -638,7 +647,8 @@ class Profiler:
                 x, y = ref.next_batch()  # created before the measurement, as the run's batch is
                 act = ActivationCounter(getattr(ref.model, "stages", [ref.model]))
                 self._cuda_reset()
-                with track_footprint(self.device, modules=(ref.model,), optimizers=opts) as fp:
+                with self._timeline("reference") as tracker, \
+                        track_footprint(self.device, (ref.model,), opts, tracker=tracker) as fp:
                     ref.step(x, y, forward_ctx=lambda: act)
                 del x, y
                 self._ref_fp = {**fp.as_metrics("footprint_ref"), "activation_bytes_ref": act.total,
@@ -647,6 +657,13 @@ class Profiler:
                           f"{self.reference_steps} steps per epoch between the run's; peak footprint "
                           f"{fmt_bytes(fp.total, binary=True)}")
         self._fixed_overhead_s += self._now() - t0
+
+    def _timeline(self, which: str) -> AbstractContextManager[Any]:
+        """Record this step's memory timeline as ``which`` when ``profiler.timeline`` wants it
+        (yields the tracker for ``track_footprint``), else yield ``None``."""
+        if self.timeline is None or not self.timeline.wanted(self._boundary):
+            return contextlib.nullcontext(None)
+        return self.timeline.record(which, self._boundary)
 
     def _cuda_reset(self) -> None:
         if self.device.type == "cuda":
@@ -800,7 +817,8 @@ class Profiler:
             return
         opts = tuple(o for o in optimizers if isinstance(o, torch.optim.Optimizer))
         self._cuda_reset()
-        with track_footprint(self.device, modules, opts, local) as fp:
+        with self._timeline("run") as tracker, \
+                track_footprint(self.device, modules, opts, local, tracker) as fp:
             yield
         self._fp = {**fp.as_metrics(), "cuda_step_peak_bytes": self._cuda_peak()}
 
@@ -880,7 +898,8 @@ class Profiler:
         dedicated = sum(self._elapsed(a, b) for a, b in self._dedicated)
         excess = max(0.0, dedicated - (step_time or 0.0) * len(self._dedicated))
         row["profiler_overhead_s"] = ref_all + excess + self._fixed_overhead_s
-        fp_keys = ("footprint_bytes", *(f"footprint_{c}_bytes" for c in CATEGORIES.values()))
+        fp_keys = ("footprint_bytes", *(f"footprint_{c}_bytes" for c in CATEGORIES.values()),
+                   "footprint_local_buffer_bytes")
         row.update({k: fp.get(k) for k in fp_keys})
         row.update(ref_fp)
         row["footprint_reduction"] = _ratio(ref_fp.get("footprint_ref_bytes"), fp.get("footprint_bytes"))
@@ -944,7 +963,10 @@ class Profiler:
         return out
 
     def close(self) -> None:
-        """Remove the optimizer hooks and drop the reference copy (end of training)."""
+        """Remove the optimizer hooks and drop the reference copy (end of training); write the
+        memory timeline (``profiler.timeline``)."""
+        if self.timeline is not None:
+            self.timeline.write()
         for h in self._opt_handles:
             h.remove()
         self._opt_handles, self._watched = [], set()

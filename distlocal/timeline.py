@@ -5,7 +5,7 @@ all-SGD reference step side by side, as ``memory_timeline.png`` and the raw data
 * Everywhere: the footprint step's own MemTracker (:mod:`distlocal.footprint`; the same pass that
   gives ``footprint_*``, so the curve's peak *is* ``footprint_bytes``) records the bytes of every
   category after each allocation and free, with the phase it happened in (forward, backward,
-  optimizer). Drawn as stacked areas, by the categories of :mod:`distlocal.membreakdown`.
+  optimizer, after it). Drawn as stacked areas, by the categories of :mod:`distlocal.membreakdown`.
 * On CUDA also the caching allocator's own trace (``torch.cuda.memory._record_memory_history``,
   read back with ``torch.cuda.memory._snapshot``): the bytes allocated after each ``alloc`` and
   ``free_completed`` event, every tensor included (the batch, the NCCL buffers), no categories.
@@ -30,7 +30,7 @@ import torch
 from distlocal.footprint import CATEGORIES, _Tracker
 from distlocal.membreakdown import SHOWN, split
 
-PHASE_COLOURS = {"forward": "#f2f2f2", "backward": "#e0e8f4", "optimizer": "#f6ead8"}
+PHASE_COLOURS = {"forward": "#f2f2f2", "backward": "#e0e8f4", "optimizer": "#f6ead8", "after": "#ffffff"}
 CUDA_MAX_ENTRIES = 200_000
 """Allocator events kept (a ring buffer; one step of the models here stays far below)."""
 
@@ -68,10 +68,20 @@ class TimelineTracker(_Tracker):
         if self._on:
             self._sample()
 
+    def _phase(self) -> str:
+        """The step's phase, moving forward only: outside the backward hooks and the optimizer step,
+        a change belongs to the last phase entered (the graph freed as the backward ends) or, once
+        the optimizer is done, to ``after`` (the scheduler, the delta sync and its application)."""
+        last = self.samples["phase"][-1] if self.samples["phase"] else "forward"
+        if self._in_opt:
+            return "optimizer"
+        if self._mod_tracker.is_bw:
+            return "backward"
+        return "after" if last in ("optimizer", "after") else last
+
     def _sample(self) -> None:
         snap = next((s for d, s in self._curr_mem_snap.items() if d.type == self.dev_type), {})
-        phase = "optimizer" if self._in_opt else "backward" if self._mod_tracker.is_bw else "forward"
-        self.samples["phase"].append(phase)
+        self.samples["phase"].append(self._phase())
         for ref, name in CATEGORIES.items():
             self.samples[name].append(int(snap.get(ref, 0)))
 
@@ -228,7 +238,7 @@ def draw(data: dict[str, Any], path: Path) -> None:
         row[0].set_ylabel("MiB")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles[::-1], labels[::-1], loc="center right", fontsize="small",
-               title="shaded: forward / backward / optimizer", title_fontsize="x-small")
+               title="shaded: forward, backward, optimizer", title_fontsize="x-small")
     fig.tight_layout(rect=(0, 0, 0.8, 1))
     fig.savefig(path, dpi=80)
     plt.close(fig)

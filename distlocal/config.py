@@ -247,6 +247,9 @@ class ProfilerConfig:
     (docs/profiling.md); 0: none timed (no ``speedup``; the reference footprint is still measured)."""
     memory_snapshot: bool = False
     """CUDA only: dump a memory snapshot of the epoch's footprint step."""
+    timeline: bool = False
+    """Write one step's memory timeline, the run's and its all-SGD reference's, as
+    ``memory_timeline.png`` (+ ``.json``) in the run directory (distlocal/profiler/timeline.py)."""
 
 
 @dataclass

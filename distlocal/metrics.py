@@ -11,6 +11,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from distlocal.profiler import breakdown as membreakdown
+
 
 def _clean(v: Any) -> Any:
     # JSON has no NaN/inf: write them as null so every reader parses the file.
@@ -85,6 +87,9 @@ class MetricsLogger:
             table = wandb.Table(columns=["epoch", "boundary"],
                                 data=[[r["epoch"], r.get("boundary", 0)] for r in self.rows])
             self.wandb_run.log({"local/boundary_table": table})
+            # The footprint by category per epoch, the run's step and its all-SGD reference, in MiB.
+            self.wandb_run.log({"mem/footprint_table": wandb.Table(columns=membreakdown.TABLE_COLUMNS,
+                                                                   data=membreakdown.table_rows(self.rows))})
             self.wandb_run.finish()
             self.wandb_run = None
 

@@ -290,6 +290,7 @@ RULES: tuple[Rule, ...] = (
     integer("profiler.sample_steps", 0, why="0: no phase breakdown"),
     integer("profiler.reference_steps", 0, why="0: no all-SGD step time, hence no speedup"),
     boolean("profiler.memory_snapshot"),
+    boolean("profiler.timeline"),
     # checkpoints
     boolean("checkpoint.enabled"),
     integer("checkpoint.every_steps", 1, nullable=True, null_means="for epoch ends only"),

@@ -11,7 +11,9 @@ reference, the peak-footprint and activation reductions at the last epoch (``foo
 the end-to-end speedup against it. Plots, in ``--out``: ``boundary_vs_epoch.png``,
 ``footprint_vs_epoch.png`` (peak footprint of a step; dashed: the run's all-SGD reference),
 ``activation_memory_vs_epoch.png``, ``epoch_time_vs_epoch.png``, ``accuracy_vs_wall_time.png`` (wall
-time = cumulative epoch time, evaluation excluded).
+time = cumulative epoch time, evaluation excluded), and ``footprint_by_category.png`` (the peak
+footprint of a step by category, each run beside its all-SGD reference, at the last epoch and, with
+``--epoch N``, at epoch N; ``profiling/footprint_plot.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script footprint_plot.py
+import footprint_plot  # noqa: E402
 
 PLOTS = ("boundary_vs_epoch.png", "footprint_vs_epoch.png", "activation_memory_vs_epoch.png",
          "epoch_time_vs_epoch.png", "accuracy_vs_wall_time.png")
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="run directories or wandb paths entity/project/run_id")
     ap.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs (default: .)")
+    ap.add_argument("--epoch", type=int, default=None,
+                    help="also draw the footprint by category at this epoch (besides the last)")
     args = ap.parse_args(argv)
     runs, sources = [], []
     for src in args.runs:
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     _unique_names(runs, sources)
     rows = table_rows(runs)
     print(format_table(rows))
-    for p in write_plots(runs, args.out):
+    for p in [*write_plots(runs, args.out), footprint_plot.write(runs, args.out, args.epoch)]:
         print(f"compare: wrote {p}", file=sys.stderr)
     return rows
 

@@ -141,6 +141,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "profiler.reference_steps", -1,
      "profiler.reference_steps=-1 must be an integer >= 0 (0: no all-SGD step time, hence no speedup)"),
     ("ddp", "profiler.memory_snapshot", 1, "profiler.memory_snapshot=1 must be true or false"),
+    ("ddp", "profiler.timeline", "yes", "profiler.timeline=yes must be true or false"),
     ("ddp", "checkpoint.enabled", None, "checkpoint.enabled=null must be true or false"),
     ("ddp", "checkpoint.every_steps", 0,
      "checkpoint.every_steps=0 must be an integer >= 1, or null for epoch ends only"),

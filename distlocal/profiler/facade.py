@@ -36,11 +36,16 @@ from distlocal.profiler.memory import (
 )
 from distlocal.profiler.reference import ReferenceStep
 from distlocal.profiler.report import RunTotals, as_reference, memory_keys, time_keys
+from distlocal.profiler.timeline import TimelineRecorder, maybe_record
 from distlocal.profiler.timing import Clock, EpochPlan, EpochTimes, PhaseTimer, plan_epoch
 
 if TYPE_CHECKING:
     # Only for hints: importing distlocal.config pulls in Hydra, which the profiler does not need.
     from distlocal.config import ProfilerConfig
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 class Profiler:
@@ -62,6 +67,9 @@ class Profiler:
         self._clk = Clock(self.device, clock)
         self._phases = PhaseTimer(self._clk.now)
         self._snap = MemorySnapshot(bool(cfg.memory_snapshot) and self.enabled, self.device, self._log)
+        # profiler.timeline: one step's memory over time (profiler/timeline.py); rank 0 writes the run dir.
+        self.timeline = (TimelineRecorder(self.device, self.run_dir, self._log, lambda: not self._snap.on)
+                         if self.enabled and cfg.timeline and self.run_dir is not None and _rank0() else None)
         self._watched: set[int] = set()
         self._opt_handles: list[Any] = []
         self._ref: ReferenceStep | None = None
@@ -117,7 +125,7 @@ class Profiler:
                                 self.reference_steps if use_ref else 0)
         if use_ref:
             t0 = self._clk.now()
-            if self._ref.prepare():
+            if self._ref.prepare(lambda: maybe_record(self.timeline, "reference", boundary)):
                 self._log(self._ref.describe(self.reference_steps))
             self._ep.fixed_overhead_s += self._clk.now() - t0
         if optimizer is not None and id(optimizer) not in self._watched:
@@ -127,15 +135,11 @@ class Profiler:
             torch.cuda.reset_peak_memory_stats(self.device)
         self._ep.t0 = self._clk.now()
 
-    def should_sample(self, step: int) -> bool:
-        """Whether step ``step`` (0-based in the epoch) is one of the dedicated profiled steps."""
-        return self.enabled and step in self._plan.profiled
-
     def step_begin(self, step: int) -> None:
         """Mark the start of step ``step`` (before its batch is fetched)."""
         if not self.enabled:
             return
-        self._step, self._sampled = step, self.should_sample(step)
+        self._step, self._sampled = step, step in self._plan.profiled  # a dedicated profiled step
         if step == self._plan.timed.start:
             self._ep.win = [self._clk.mark()]
         if self._sampled or step == self._plan.footprint_step:
@@ -180,15 +184,15 @@ class Profiler:
     @contextlib.contextmanager
     def footprint(self, modules: tuple[nn.Module, ...] = (), optimizers: tuple[Any, ...] = (),
                   local: tuple[torch.Tensor, ...] = ()) -> Iterator[None]:
-        """Measure the peak footprint of the block (the whole step) on the epoch's footprint step, as
-        :func:`~distlocal.profiler.footprint.track_footprint` (optimizers that are not
-        ``torch.optim.Optimizer`` are left out); on CUDA the allocator's peak too. Else a no-op."""
+        """On the epoch's footprint step, the block's (the whole step's) peak footprint by category
+        (``track_footprint``; non-torch optimizers left out) and the CUDA allocator's peak."""
         if not self._measuring():
             yield
             return
         opts = tuple(o for o in optimizers if isinstance(o, torch.optim.Optimizer))
         reset_cuda_peak(self.device)
-        with track_footprint(self.device, modules, opts, local) as fp:
+        with maybe_record(self.timeline, "run", self._boundary) as tracker, \
+                track_footprint(self.device, modules, opts, local, tracker) as fp:
             yield
         self._fp = {**fp.as_metrics(), "cuda_step_peak_bytes": cuda_peak(self.device)}
 
@@ -204,10 +208,8 @@ class Profiler:
             yield
 
     def epoch_end(self, boundary: int, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-        """Close the epoch and return its flat metric keys (merge them into the epoch's row): the
-        phases, :func:`~distlocal.profiler.report.time_keys`,
-        :func:`~distlocal.profiler.report.memory_keys` and the :func:`device_memory` and
-        :func:`model_memory` keys; ``None`` where unknown."""
+        """Close the epoch; returns its flat keys for the epoch's row (``None`` where unknown): the
+        phases and ``report.time_keys``, ``report.memory_keys``, ``device_memory``, ``model_memory``."""
         if not self.enabled:
             return {}
         ep, clk = self._ep, self._clk
@@ -236,7 +238,9 @@ class Profiler:
         return self._totals.summary(end_to_end_s, last_row or {}) if self.enabled else {}
 
     def close(self) -> None:
-        """Remove the optimizer hooks and drop the reference copy (end of training)."""
+        """Remove the optimizer hooks, drop the reference copy; write ``profiler.timeline``'s files."""
+        if self.timeline is not None:
+            self.timeline.write()
         for h in self._opt_handles:
             h.remove()
         self._opt_handles, self._watched = [], set()

@@ -67,11 +67,16 @@ class Footprint:
 
     total: int
     by_category: dict[str, int]
+    local_buffer: int = 0
+    """Of ``by_category["local"]``, the bytes of the ``local=`` tensors (the delta buffer): they live
+    through the whole step, so this share of the peak is their size; the rest is the rule's temporaries."""
 
     def as_metrics(self, prefix: str = "footprint") -> dict[str, int]:
-        """``{prefix}_bytes`` and ``{prefix}_<category>_bytes`` for every category."""
+        """``{prefix}_bytes``, ``{prefix}_<category>_bytes`` for every category and
+        ``{prefix}_local_buffer_bytes`` (the delta buffer's share of ``{prefix}_local_bytes``)."""
         out = {f"{prefix}_bytes": self.total}
         out.update({f"{prefix}_{k}_bytes": v for k, v in self.by_category.items()})
+        out[f"{prefix}_local_buffer_bytes"] = self.local_buffer
         return out
 
 
@@ -81,15 +86,19 @@ def track_footprint(
     modules: tuple[nn.Module, ...] = (),
     optimizers: tuple[torch.optim.Optimizer, ...] = (),
     local: tuple[torch.Tensor, ...] = (),
+    tracker: MemTracker | None = None,
 ) -> Iterator[Footprint]:
     """``with track_footprint(...) as fp:`` one training step; ``fp`` is filled in on exit.
 
     The context-manager form of :func:`measure_footprint`, for a step written inline (the trainer's
-    loop) rather than as a function. Same arguments and meaning.
+    loop) rather than as a function. Same arguments and meaning. ``tracker``: a fresh instance of a
+    subclass of this module's tracker to use instead (``distlocal/profiler/timeline.py`` records with one).
     """
     dev = torch.device(device)
     result = Footprint(0, {name: 0 for name in CATEGORIES.values()})
-    tracker = _Tracker()
+    result.local_buffer = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                               for t in local if t.numel()}.values())  # each storage once
+    tracker = tracker if tracker is not None else _Tracker()
     tracker.track_external(*modules, *optimizers)
     for t in local:
         tracker._update_and_maybe_create_winfos(t, _MemRefType.OTH)

@@ -106,16 +106,18 @@ class ReferenceStep:
         assert self.parts is not None
         return float(train_step(self.parts, *self.next_batch(), step=0).loss)
 
-    def measure(self) -> dict[str, Any]:
+    def measure(self, timeline: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+                ) -> dict[str, Any]:
         """One untimed step measured: ``footprint_ref_*``, ``activation_bytes_ref`` and
-        ``cuda_step_peak_ref_bytes``. The batch is created before the measurement, as the run's."""
+        ``cuda_step_peak_ref_bytes``. The batch is created before the measurement, as the run's.
+        ``timeline()`` yields the tracker to measure with (``profiler.timeline``) or ``None``."""
         assert self.parts is not None and self.model is not None
         opts = tuple(o for o in (getattr(self.engine, "optimizer", None),)
                      if isinstance(o, torch.optim.Optimizer))
         x, y = self.next_batch()
         probe = CountingProbe(ActivationCounter(getattr(self.model, "stages", [self.model])))
         reset_cuda_peak(self.device)
-        with track_footprint(self.device, modules=(self.model,), optimizers=opts) as fp:
+        with timeline() as tracker, track_footprint(self.device, (self.model,), opts, tracker=tracker) as fp:
             train_step(self.parts, x, y, step=0, probe=probe)
         del x, y
         return {**fp.as_metrics("footprint_ref"), "activation_bytes_ref": probe.counter.total,
@@ -128,7 +130,7 @@ class ReferenceStep:
             devs = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
         return torch.random.fork_rng(devices=devs)
 
-    def prepare(self) -> bool:
+    def prepare(self, timeline: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> bool:
         """Epoch start: build the copy (first time), load the run's weights, restart the loader and,
         the first time, :meth:`measure` a step after one warm-up step (so that its optimizer state
         exists, as in the run's footprint step). Returns whether it measured."""
@@ -139,7 +141,7 @@ class ReferenceStep:
             if self.footprint is not None:
                 return False
             self.run()
-            self.footprint = self.measure()
+            self.footprint = self.measure(timeline)
             return True
 
     def describe(self, steps_per_epoch: int) -> str:

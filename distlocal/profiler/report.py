@@ -13,7 +13,8 @@ HEADLINE_KEYS = ("end_to_end_s", "speedup", "footprint_ref_bytes", "footprint_by
                  "grad_allreduce_bytes", "delta_sync_bytes", "comm_bytes_per_step")
 """The keys a run leads with (``summary.json``, the wandb summary, the last stdout line)."""
 
-FOOTPRINT_KEYS = ("footprint_bytes", *(f"footprint_{c}_bytes" for c in CATEGORIES.values()))
+FOOTPRINT_KEYS = ("footprint_bytes", *(f"footprint_{c}_bytes" for c in CATEGORIES.values()),
+                  "footprint_local_buffer_bytes")
 
 
 def ratio(ref: float | None, now: float | None) -> float | None:

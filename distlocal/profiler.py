@@ -565,6 +565,7 @@ class Profiler:
         self._win: list[Any] = []  # marks: [window start, window end]
         self._ref_marks: list[tuple[Any, Any, bool]] = []  # (start, end, inside the window)
         self._dedicated: list[tuple[Any, Any]] = []  # footprint and profiled steps
+        self._excluded: list[tuple[Any, Any, bool]] = []  # (start, end, inside the window): evaluations
         self._fixed_overhead_s = 0.0  # the copy's build and first (measured) step
 
     def _mark(self) -> Any:
@@ -752,6 +753,19 @@ class Profiler:
             self._stack[-1][2] += elapsed
 
     @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Time that is not training (a periodic evaluation between steps): kept out of the timed
+        window (``step_time_s``) and of ``train_loop_s``."""
+        if not self.enabled:
+            yield
+            return
+        a, inside = self._mark(), len(self._win) == 1
+        try:
+            yield
+        finally:
+            self._excluded.append((a, self._mark(), inside))
+
+    @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time the block as phase ``name`` on profiled steps (and outside steps); else a no-op."""
         if not self._recording():
@@ -851,7 +865,9 @@ class Profiler:
         n_timed = len(self._plan.timed) if len(self._win) == 2 else 0
         ref_in = sum(self._elapsed(a, b) for a, b, inside in self._ref_marks if inside)
         ref_all = sum(self._elapsed(a, b) for a, b, _ in self._ref_marks)
-        step_time = (self._elapsed(*self._win) - ref_in) / n_timed if n_timed else None
+        excl_in = sum(self._elapsed(a, b) for a, b, inside in self._excluded if inside)
+        loop_s -= sum(self._elapsed(a, b) for a, b, _ in self._excluded)
+        step_time = (self._elapsed(*self._win) - ref_in - excl_in) / n_timed if n_timed else None
         row: dict[str, Any] = {}
         names = sorted({n for p in self._step_phases for n in p})
         for n in names:

@@ -110,3 +110,45 @@ def test_periodic_evaluation_and_time_to_accuracy_survive_a_mid_epoch_resume(tmp
     sa, sb = (json.loads((d / "run" / "summary.json").read_text()) for d in (full, cut))
     assert _steps(sa) == _steps(sb) and sa["time_to_final_acc_step"] == sb["time_to_final_acc_step"]
     assert sb["train_cpu_s"] > saved["clocks"]["cpu"]
+
+
+def test_evaluation_time_stays_out_of_every_training_clock(monkeypatch, tmp_path):
+    """A full run on fake clocks: a training step costs 1 s on the wall and the CPU clock, an
+    evaluation 100 s. Epoch times, the cumulative clocks of each evaluation and the profiler's step
+    time must hold the steps alone (the step-4 evaluation falls inside the profiler's timed window)."""
+    from distlocal import profiler as profiler_mod
+    from distlocal import trainer as trainer_mod
+    from distlocal.clocks import TrainClocks
+    from distlocal.config import compose
+    from distlocal.parallel.ddp import DDPEngine
+    from distlocal.trainer import Trainer, train
+
+    clock = [0.0]
+
+    def costs(fn, cost):  # noqa: ANN001, ANN202
+        def inner(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            clock[0] += cost
+            return fn(*a, **k)
+        return inner
+
+    monkeypatch.setattr(profiler_mod, "_clock", lambda: clock[0])
+    monkeypatch.setattr(trainer_mod, "TrainClocks",
+                        lambda device: TrainClocks(device, cpu=lambda: clock[0], wall=lambda: clock[0]))
+    monkeypatch.setattr(DDPEngine, "backward_step", costs(DDPEngine.backward_step, 1.0))
+    monkeypatch.setattr(Trainer, "evaluate", costs(Trainer.evaluate, 100.0))
+    cfg = compose(["model=convnet", "data=digits", "mode=sgd", "trainer.epochs=2", "trainer.batch_size=16",
+                   "trainer.max_steps_per_epoch=8", "trainer.eval_every_steps=4", "profiler.sample_steps=1",
+                   "wandb.mode=disabled", "trainer.progress=false", "checkpoint.enabled=false"])
+    summary = train(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r.get("kind") != "eval"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    assert [(r["epoch_time_s"], r["epoch_cpu_s"], r["train_cpu_s"]) for r in epochs] == \
+        [(8, 8, 8), (8, 8, 16)]
+    assert [(r["global_step"], r["train_cpu_s"], r["train_wall_s"]) for r in evals] == \
+        [(4, 4, 4), (8, 8, 8), (12, 12, 12), (16, 16, 16)]
+    assert epochs[0]["timed_steps"] == 5 and epochs[0]["step_time_s"] == 1.0  # steps 3..7, eval excluded
+    assert summary["train_cpu_s"] == 16 and summary["time_to_final_acc_cpu_s"] in (4, 8, 12, 16)
+    first = next(r for r in evals if r["eval_acc"] >= summary["tta_final_acc"])
+    assert summary["time_to_final_acc_step"] == first["global_step"]
+    assert [r["split"] for r in evals] == ["test"] * 4 and evals[-1]["eval_acc"] == epochs[-1]["test_acc"]

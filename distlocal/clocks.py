@@ -13,8 +13,10 @@ evaluation and :meth:`TrainClocks.resume` starts it again, so evaluation time is
 * **device** (CUDA events): the summed event time of the training steps, one event pair per step,
   read only where the host synchronises anyway (an evaluation, the epoch end), never per step.
 
-Across ranks: CPU time is summed (the compute a run costs) and its max reported too; wall and
-device time take the max (the ranks advance in lockstep; the slowest one is the run's time).
+Across ranks: CPU time is summed (the compute a run costs) and its max reported too; device time
+takes the max (the slowest rank's steps); wall time is rank 0's, as ``epoch_time_s`` always was (the
+ranks' loops start apart: a rank that waits in the first collective while rank 0 still sets up
+would count that wait).
 Cumulative values survive a resume: a checkpoint carries the reduced totals (:meth:`state_dict`),
 and the restored run adds this process's own time to them.
 """
@@ -137,7 +139,7 @@ class TrainClocks:
         return {
             "epoch_cpu_s": sum(r["epoch_cpu"] for r in ranks), "epoch_cpu_max_s": mx("epoch_cpu"),
             "epoch_device_s": mx("epoch_device") if dev else None,
-            "train_wall_s": self._base["wall"] + mx("total_wall"),
+            "train_wall_s": self._base["wall"] + ranks[0]["total_wall"],
             "train_cpu_s": self._base["cpu"] + cpu,
             "train_cpu_max_s": self._base["cpu_max"] + mx("total_cpu"),
             "train_device_s": self._base["device"] + mx("total_device") if dev else None,

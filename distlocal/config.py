@@ -45,6 +45,9 @@ class TrainerConfig:
     """Cap the steps of an epoch (quick runs, benchmarks); ``null`` runs the whole epoch."""
     progress: bool = True
     """tqdm bar on rank 0."""
+    eval_every_steps: int | None = None
+    """Also evaluate every N global steps (validation split if any, else test), each logged with its
+    step and cumulative training time on every clock; ``null``: at epoch ends only."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distlocal import checkpoint, validation
+from distlocal import checkpoint, tta, validation
 from distlocal.build import Data, autocast, build_data, build_step_parts, lr_lambda, seed_everything
 from distlocal.config import to_yaml
 from distlocal.data import Checked, count_skipped
@@ -51,6 +51,7 @@ from distlocal.parallel.engine import Engine
 from distlocal.parallel.env import DistEnv, all_reduce_sum, broadcast_object, init_distributed
 from distlocal.parallel.sync import DeltaSync, average_buffers
 from distlocal.profiler import Profiler, headline
+from distlocal.profiler.clocks import TrainClocks
 from distlocal.step import StepParts, set_boundary, train_step
 
 
@@ -103,6 +104,8 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.on_epoch_end: EpochHook | None = None
         self.on_step_end: StepHook | None = None
+        self.clocks = TrainClocks(env.device)  # profiler/clocks.py; time to accuracy: tta.py
+        self.tta = tta.TimeToAccuracy("test" if data.val is None else "val")
 
     @classmethod
     def build(cls, cfg: DictConfig, run_dir: Path, env: DistEnv | None = None) -> Trainer:
@@ -149,7 +152,8 @@ class Trainer:
                 f"data:{cfg.data.name}", f"engine:{cfg.engine.name}", f"world:{env.world_size}"]
         # Resuming: the rows of the epochs already done stay, the later ones are written again.
         self.logger = MetricsLogger(self.run_dir, cfg, enabled=env.is_main, tags=tags,
-                                    keep_epochs_below=self.loop.start_epoch)
+                                    keep_epochs_below=self.loop.start_epoch,
+                                    keep_evals_upto=self.loop.global_step)  # tta: evaluation rows
         if env.is_main:
             print(f"distlocal: run dir {self.run_dir.resolve()} | model {cfg.model} "
                   f"({self.model.num_stages} stages) | mode {cfg.mode} | data {cfg.data.name} | "
@@ -213,16 +217,18 @@ class Trainer:
         evaluate, checkpoint and log; returns the epoch's metrics row."""
         first = self._begin_epoch(epoch)
         n = self.data.steps_per_epoch
-        t0 = time.perf_counter()
+        self.clocks.start_epoch()  # clocks: wall (epoch_time_s), CPU, device; evaluation excluded
         # A context: an error line (a corrupt sample, a failed checkpoint) starts on a cleared line.
         with tqdm(total=n, initial=first, desc=f"epoch {epoch}", leave=False, mininterval=1.0,
                   disable=not (self.env.is_main and self.cfg.trainer.progress)) as bar:
             batches = self._batches(first)
             for step in range(first, n):
+                self.clocks.step_begin()
                 self.train_step(step, batches)
+                self.clocks.step_end()
                 bar.update(1)
                 self._after_step(epoch, step)
-        return self._end_epoch(epoch, first, time.perf_counter() - t0)
+        return self._end_epoch(epoch, first, self.clocks.pause())
 
     def _begin_epoch(self, epoch: int) -> int:
         """The epoch's boundary and counters; returns its first step (> 0 resuming mid-epoch)."""
@@ -273,6 +279,9 @@ class Trainer:
                 f"{learner.skipped_in_a_row} non-finite local updates in a row at epoch {epoch} "
                 f"step {step}; checkpoint saved in {self.run_dir / 'checkpoints'}; "
                 "lower local.lr or trainer.lr and resume")
+        every_eval = self.cfg.trainer.eval_every_steps  # tta: evaluate before the checkpoint that records it
+        if every_eval and loop.global_step % every_eval == 0 and step + 1 < self.data.steps_per_epoch:
+            tta.periodic_evaluation(self, epoch)
         every = self.cfg.checkpoint.every_steps
         if every and loop.global_step % every == 0 and step + 1 < self.data.steps_per_epoch:
             self.save_checkpoint()
@@ -283,10 +292,13 @@ class Trainer:
         """Evaluate, select the next boundary, checkpoint, log; returns the metrics row."""
         average_buffers(self.model, self.env)                 # BN statistics equal on every rank
         row = self._epoch_row(epoch, first, epoch_time)
+        eval_row = tta.epoch_end_evaluation(self, row)  # clocks + tta: the epoch's keys, its point
         self.loop.step_in_epoch, self.loop.mid_epoch = self.data.steps_per_epoch, False
         # Checkpoint before logging: a crash in between re-runs the epoch, never duplicates a row.
         self.save_checkpoint()
         self.logger.log(row)
+        if eval_row is not None:
+            self.logger.log(eval_row)
         if self.env.is_main:
             print(f"epoch {epoch}: boundary {self.learner.boundary} train_loss {row['train_loss']:.4f} "
                   f"test_acc {row['test_acc']:.2f}% time {epoch_time:.1f}s")
@@ -372,6 +384,7 @@ class Trainer:
         state.update(loop)
         state.update(boundary=self.learner.boundary, world_size=self.env.world_size, rng=rng_state(),
                      transition=self.transition if self.loop.mid_epoch else None)
+        state.update(clocks=self.clocks.state_dict(self.env), tta=self.tta.state_dict())  # clocks + tta
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -396,6 +409,9 @@ class Trainer:
             self.loop.boundaries = self.loop.boundaries[:-1]  # the epoch in progress re-records its boundary
             self.transition = state["transition"]
         self._resume_rng = state["rng"]
+        if "clocks" in state:  # clocks + tta (checkpoints from before them start both at zero)
+            self.clocks.load_state_dict(state["clocks"])
+            self.tta.load_state_dict(state["tta"])
 
     def save_checkpoint(self) -> None:
         """Write :meth:`state_dict` from rank 0 (every rank calls it); a failed write stops every rank."""
@@ -436,8 +452,12 @@ class Trainer:
             "world_size": self.env.world_size, "mode": self.cfg.mode, "rule": self.learner.rule.name,
             "data_skipped": sum(r.get("data_skipped", 0) for r in self.logger.rows),
         })
-        if summary.get("speedup") is not None or "footprint_bytes" in summary:
-            summary["headline"] = headline(summary, row)
+        summary.update(tta.run_summary(self))  # clocks + tta: train_*_s, time_to_acc, time_to_final_acc_*
+        profiled = summary.get("speedup") is not None or "footprint_bytes" in summary
+        line = headline(summary, row) if profiled else None
+        line = tta.with_time_to_accuracy(line, summary)  # tta: ... | <final acc> at <CPU s>
+        if line is not None:
+            summary["headline"] = line
         self.logger.finish(summary)
         if self.env.is_main and "headline" in summary:
             print(summary["headline"], flush=True)  # the run's last line

@@ -217,6 +217,8 @@ RULES: tuple[Rule, ...] = (
     integer("trainer.max_steps_per_epoch", 1, nullable=True, null_means="for whole epochs",
             why="0 steps would train nothing and still report the untrained accuracy"),
     boolean("trainer.progress"),
+    integer("trainer.eval_every_steps", 1, nullable=True, null_means="to evaluate at epoch ends only",
+            why="an evaluation every 0 steps never trains"),
     # data
     choice("data.name", _datasets),
     text("data.root"),

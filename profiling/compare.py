@@ -14,6 +14,14 @@ the end-to-end speedup against it. Plots, in ``--out``: ``boundary_vs_epoch.png`
 time = cumulative epoch time, evaluation excluded), and ``footprint_by_category.png`` (the peak
 footprint of a step by category, each run beside its all-SGD reference, at the last epoch and, with
 ``--epoch N``, at epoch N; ``profiling/footprint_plot.py``).
+
+Time to accuracy (``--clock wall|cpu|device``, default ``cpu``): each run's accuracy against its
+cumulative training time on that clock (``distlocal/profiler/clocks.py``; the ``kind: eval`` rows of
+``trainer.eval_every_steps`` when the run has them, else one point per epoch; the validation
+accuracy when the run has a validation split, else test). The target is ``--target`` or, by
+default, the highest accuracy that every compared run reaches; each run's time is that of its first
+evaluation at or above it, and ``sgd / this`` is the (median) time of the ``mode=sgd`` runs among
+the inputs over this run's. ``accuracy_vs_<clock>_clock.png`` plots the curves and the target.
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script footprint_plot.py
 import footprint_plot  # noqa: E402
+
+from distlocal.tta import CLOCKS, first_crossing  # noqa: E402
 
 PLOTS = ("boundary_vs_epoch.png", "footprint_vs_epoch.png", "activation_memory_vs_epoch.png",
          "epoch_time_vs_epoch.png", "accuracy_vs_wall_time.png")
@@ -227,6 +237,100 @@ def write_plots(runs: list[Run], out: Path) -> list[Path]:
     return paths
 
 
+# ------------------------------------------------------------------ time to accuracy
+def clock_points(run: Run, clock: str) -> list[dict[str, float]]:
+    """``[{"t": cumulative training time on clock, "acc": accuracy}]`` in training order: the
+    evaluation rows if the run has any, else its epoch rows (validation accuracy if present, else
+    test). Runs written before the clocks have the wall clock only (cumulative ``epoch_time_s``)."""
+    evals = [r for r in run.rows if r.get("kind") == "eval"]
+    key = f"train_{clock}_s"
+    if evals:
+        return [{"t": r[key], "acc": r["eval_acc"]} for r in evals
+                if r.get(key) is not None and r.get("eval_acc") is not None]
+    out, wall = [], 0.0
+    for r in run.rows:
+        wall += r.get("epoch_time_s") or 0.0
+        t = r.get(key, wall if clock == "wall" else None)
+        acc = r.get("val_acc", r.get("test_acc"))
+        if t is not None and acc is not None:
+            out.append({"t": t, "acc": acc})
+    return out
+
+
+def common_target(runs: list[Run], clock: str) -> float | None:
+    """The highest accuracy every run with points on ``clock`` reaches (``None`` without any)."""
+    bests = [max(p["acc"] for p in pts) for pts in (clock_points(r, clock) for r in runs) if pts]
+    return min(bests) if bests else None
+
+
+def tta_rows(runs: list[Run], clock: str, target: float) -> list[dict[str, Any]]:
+    """Per run: the time on ``clock`` of its first evaluation at or above ``target`` (``None``: not
+    reached, or no such clock) and ``vs_sgd`` = the median such time of the ``mode=sgd`` runs / it."""
+    out = []
+    for r in runs:
+        hit = first_crossing(clock_points(r, clock), target)
+        time_s = None if hit is None else hit["t"]
+        out.append({"run": r.name, "mode": r.mode, "rule": r.rule, "time_s": time_s})
+    sgd = [row["time_s"] for row in out if row["mode"] == "sgd" and row["time_s"] is not None]
+    ref = statistics.median(sgd) if sgd else None
+    for row in out:
+        row["vs_sgd"] = ref / row["time_s"] if ref is not None and row["time_s"] else None
+    return out
+
+
+def format_tta(rows: list[dict[str, Any]], clock: str, target: float, default: bool) -> str:
+    """The time-to-target table, headed by the target and the clock."""
+    how = "the highest accuracy every run reaches" if default else "--target"
+    head = f"time to {target:.2f} % ({how}) on the {clock} clock (training time, evaluation excluded)"
+    cells = [["run", "mode", "rule", f"{clock} s", "sgd / this"]]
+    for r in rows:
+        t = "not reached" if r["time_s"] is None else f"{r['time_s']:.1f}"
+        ratio = "-" if r["vs_sgd"] is None else f"{r['vs_sgd']:.3f}"
+        cells.append([r["run"], r["mode"], r["rule"], t, ratio])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    return "\n".join([head, *("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)])
+
+
+def plot_accuracy_vs_clock(runs: list[Run], clock: str, target: float | None, out: Path) -> Path:
+    """``accuracy_vs_<clock>_clock.png``: every run's accuracy against its training time on
+    ``clock``, the target dotted."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"accuracy_vs_{clock}_clock.png"
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for r in runs:
+        xs, ys = _unzip([(p["t"], p["acc"]) for p in clock_points(r, clock)])
+        if xs:
+            ax.plot(xs, ys, marker=".", label=r.name)
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle=":", label=f"target {target:.2f} %")
+        ax.legend(fontsize="small")
+    else:
+        ax.text(0.5, 0.5, f"no {clock}-clock data in these runs", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set(title=f"Accuracy vs training time ({clock} clock)", xlabel=f"cumulative training {clock} time (s)",
+           ylabel="accuracy %")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def time_to_target(runs: list[Run], clock: str, target: float | None, out: Path) -> list[dict[str, Any]]:
+    """Print the time-to-target table on ``clock`` and draw accuracy against it; returns the rows."""
+    default = target is None
+    target = common_target(runs, clock) if default else target
+    plot = plot_accuracy_vs_clock(runs, clock, target, out)
+    print(f"compare: wrote {plot}", file=sys.stderr)
+    if target is None:
+        print(f"compare: no run has accuracy points on the {clock} clock (runs from before the clocks "
+              "have the wall clock only)")
+        return []
+    rows = tta_rows(runs, clock, target)
+    print(format_tta(rows, clock, target, default))
+    return rows
+
+
 def _unique_names(runs: list[Run], sources: list[str]) -> None:
     """Hydra names run dirs by time: if two runs share a name, use the path they came from."""
     names = [r.name for r in runs]
@@ -242,6 +346,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--out", type=Path, default=Path("."), help="directory for the PNGs (default: .)")
     ap.add_argument("--epoch", type=int, default=None,
                     help="also draw the footprint by category at this epoch (besides the last)")
+    ap.add_argument("--clock", choices=CLOCKS, default="cpu",
+                    help="the clock of the time to accuracy (default: cpu, which machine load barely moves)")
+    ap.add_argument("--target", type=float, default=None,
+                    help="target accuracy %% (default: the highest accuracy every compared run reaches)")
     args = ap.parse_args(argv)
     runs, sources = [], []
     for src in args.runs:
@@ -263,6 +371,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(format_table(rows))
     for p in [*write_plots(runs, args.out), footprint_plot.write(runs, args.out, args.epoch)]:
         print(f"compare: wrote {p}", file=sys.stderr)
+    print()
+    time_to_target(runs, args.clock, args.target, args.out)
     return rows
 
 

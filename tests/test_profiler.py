@@ -35,6 +35,7 @@ from distlocal.profiler import (
 )
 from distlocal.profiler.activations import CountingProbe
 from distlocal.step import StepParts, set_boundary, train_step
+from distlocal.tta import with_time_to_accuracy
 
 REPO = Path(__file__).resolve().parent.parent
 B, D, H, C = 5, 7, 11, 3  # batch, input, hidden, classes: distinct primes so a wrong term shows
@@ -336,7 +337,10 @@ def test_speedup_moves_with_the_cost_of_the_local_rule(
     assert list(doc)[:len(HEADLINE_KEYS)] == list(HEADLINE_KEYS)
     assert doc["speedup"] == summary["speedup"] == rows[1]["speedup"]
     assert doc["footprint_bytes"] == rows[1]["footprint_bytes"] < doc["footprint_ref_bytes"]
-    assert capsys.readouterr().out.rstrip().splitlines()[-1] == doc["headline"] == headline(doc)
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last == doc["headline"] == with_time_to_accuracy(headline(doc), doc)  # distlocal/tta.py
+    assert last.endswith(f"| {doc['tta_final_acc']:.2f} % test at {doc['time_to_final_acc_cpu_s']:.1f} s CPU "
+                         f"(step {doc['time_to_final_acc_step']})")
 
 
 def test_the_last_line_says_why_there_is_no_speedup() -> None:

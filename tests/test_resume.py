@@ -21,7 +21,9 @@ BASE = ["data=digits", "model=convnet", "mode=local", "trainer.epochs=4", "train
 MEASURED = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms", "step_time_ref_s",
             "speedup", "peak_rss_bytes", "rss_bytes", "profiler_overhead_s",
             "cuda_max_allocated_bytes", "cuda_max_reserved_bytes", "nvml_used_bytes",
-            "profiled_steps", "timed_steps", "reference_steps"}  # a resumed epoch times fewer steps
+            "profiled_steps", "timed_steps", "reference_steps",  # a resumed epoch times fewer steps
+            "epoch_cpu_s", "epoch_cpu_max_s", "epoch_device_s", "train_wall_s", "train_cpu_s",
+            "train_cpu_max_s", "train_device_s"}  # the training clocks (distlocal/profiler/clocks.py)
 
 
 def _rows(out):

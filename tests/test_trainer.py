@@ -21,7 +21,7 @@ TINY = ["data=synthetic", "data.shape=[3,16,16]", "data.num_classes=4", "data.tr
 # The checkpoint's keys as every checkpoint so far has written them: old checkpoints must still load.
 CHECKPOINT_KEYS = {"model", "epoch", "step_in_epoch", "mid_epoch", "global_step", "epoch_sums", "boundary",
                    "boundaries", "learner", "engine", "scheduler", "weak_supervision", "schedule", "best_acc",
-                   "acc", "world_size", "rng", "transition"}
+                   "acc", "world_size", "rng", "transition", "clocks", "tta"}
 
 
 def _build(tmp_path, name: str, *extra: str) -> Trainer:

@@ -58,6 +58,8 @@ KNOBS: list[tuple[str, str, Any, str]] = [
      "trainer.max_steps_per_epoch=0 must be an integer >= 1, or null for whole epochs (0 steps would train "
      "nothing and still report the untrained accuracy)"),
     ("ddp", "trainer.progress", None, "trainer.progress=null must be true or false"),
+    ("ddp", "trainer.eval_every_steps", 0, "trainer.eval_every_steps=0 must be an integer >= 1, or null to "
+     "evaluate at epoch ends only (an evaluation every 0 steps never trains)"),
     ("ddp", "data.name", "mnist", "unknown data.name 'mnist'; valid: digits, cifar10, cifar100, "
      "fashion_mnist, imagefolder, synthetic"),
     ("ddp", "data.root", 7, "data.root=7 must be a string or null"),

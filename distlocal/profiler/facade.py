@@ -44,10 +44,6 @@ if TYPE_CHECKING:
     from distlocal.config import ProfilerConfig
 
 
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 class Profiler:
     """Per-epoch time and memory accounting, driven by the trainer (one instance per rank); see the
     module's docstring. Disabled (``cfg.enabled=False``): every method is a no-op and returns ``{}``."""
@@ -67,14 +63,11 @@ class Profiler:
         self._clk = Clock(self.device, clock)
         self._phases = PhaseTimer(self._clk.now)
         self._snap = MemorySnapshot(bool(cfg.memory_snapshot) and self.enabled, self.device, self._log)
-        # profiler.timeline: one step's memory over time (profiler/timeline.py); rank 0 writes the run dir.
-        self.timeline = (TimelineRecorder(self.device, self.run_dir, self._log, lambda: not self._snap.on)
-                         if self.enabled and cfg.timeline and self.run_dir is not None and _rank0() else None)
-        self._watched: set[int] = set()
-        self._opt_handles: list[Any] = []
+        self.timeline = TimelineRecorder.maybe(self.enabled and cfg.timeline, self.device, self.run_dir,
+                                               self._log, lambda: not self._snap.on)
+        self._watched, self._opt_handles = set[int](), list[Any]()  # timed optimizers, their hooks
         self._ref: ReferenceStep | None = None
-        self._epoch = -1
-        self._totals = RunTotals()
+        self._epoch, self._totals = -1, RunTotals()
         self._reset_epoch()
 
     def _log(self, msg: str) -> None:
@@ -180,6 +173,10 @@ class Profiler:
             yield
         finally:
             self._phases.exit(in_step=self._step is not None)
+
+    def excluded(self) -> AbstractContextManager[None]:
+        """Time that is not training (an evaluation between steps): out of the epoch's step time."""
+        return self._ep.exclude(self._clk)
 
     @contextlib.contextmanager
     def footprint(self, modules: tuple[nn.Module, ...] = (), optimizers: tuple[Any, ...] = (),

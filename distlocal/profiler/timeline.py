@@ -155,6 +155,14 @@ class TimelineRecorder:
         self.data: dict[str, Any] = {}  # "run", "reference": the recorded steps; "boundary"
         self._local_done = False
 
+    @classmethod
+    def maybe(cls, enabled: bool, device: torch.device, run_dir: Path | None, log: Callable[[str], None],
+              cuda_owned: Callable[[], bool]) -> TimelineRecorder | None:
+        """The recorder of ``profiler.timeline`` (``enabled``), on rank 0 only (it alone writes the run
+        directory), or ``None``."""
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        return cls(device, run_dir, log, cuda_owned) if enabled and run_dir is not None and rank0 else None
+
     def wanted(self, boundary: int) -> bool:
         """Whether the run's footprint step of this epoch is recorded (see the module docstring)."""
         return not self._local_done and (boundary > 0 or "run" not in self.data)

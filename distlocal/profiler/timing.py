@@ -3,10 +3,11 @@ profiled steps and the time stamps from which an epoch's step time is computed."
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,16 +180,26 @@ class EpochTimes:
     win: list[Any] = field(default_factory=list)  # marks: [window start, window end]
     ref_marks: list[tuple[Any, Any, bool]] = field(default_factory=list)  # (start, end, inside the window)
     dedicated: list[tuple[Any, Any]] = field(default_factory=list)  # footprint and profiled steps
+    excluded: list[tuple[Any, Any, bool]] = field(default_factory=list)  # evaluations: (start, end, inside)
     fixed_overhead_s: float = 0.0  # the reference copy's build and measured step
 
     def step_time(self, clock: Clock, plan: EpochPlan) -> tuple[float | None, int]:
-        """``(step_time_s, timed_steps)``: the window's time less the reference steps inside it, over
-        its steps; ``(None, 0)`` when the epoch had no whole window."""
+        """``(step_time_s, timed_steps)``: the window's time less the reference steps and excluded
+        spans (evaluations) inside it, over its steps; ``(None, 0)`` when the epoch had no whole window."""
         n_timed = len(plan.timed) if len(self.win) == 2 else 0
         if not n_timed:
             return None, 0
-        ref_in = sum(clock.elapsed(a, b) for a, b, inside in self.ref_marks if inside)
-        return (clock.elapsed(*self.win) - ref_in) / n_timed, n_timed
+        inside = sum(clock.elapsed(a, b) for a, b, ins in self.ref_marks + self.excluded if ins)
+        return (clock.elapsed(*self.win) - inside) / n_timed, n_timed
+
+    @contextlib.contextmanager
+    def exclude(self, clock: Clock) -> Iterator[None]:
+        """Keep the block (an evaluation between steps) out of the step time and the loop time."""
+        a, inside = clock.mark(), len(self.win) == 1
+        try:
+            yield
+        finally:
+            self.excluded.append((a, clock.mark(), inside))
 
     def reference_time(self, clock: Clock) -> float:
         """All reference steps' time."""
@@ -202,6 +213,8 @@ class EpochTimes:
         return self.reference_time(clock) + excess + self.fixed_overhead_s
 
     def loop_s(self, clock: Clock) -> float:
-        """The epoch's loop on the host clock, from the epoch start to the last step's end."""
+        """The epoch's loop on the host clock, from the epoch start to the last step's end, less the
+        excluded spans (evaluations between steps)."""
         end = self.last_end if self.last_end is not None else clock.fn()
-        return end - self.t0 if self.t0 is not None else 0.0
+        excluded = sum(clock.elapsed(a, b) for a, b, _ in self.excluded)
+        return end - self.t0 - excluded if self.t0 is not None else 0.0

@@ -45,6 +45,9 @@ class TrainerConfig:
     """Cap the steps of an epoch (quick runs, benchmarks); ``null`` runs the whole epoch."""
     progress: bool = True
     """tqdm bar on rank 0."""
+    log_every: int = 50
+    """Steps between host reads of the accumulated training loss (the progress bar and per-step logs
+    update there; also read at epoch end). Each read waits for the accelerator to drain its queue."""
 
 
 @dataclass
@@ -103,6 +106,9 @@ class AutoFreezeConfig:
     """Effective update per step, ``lr·‖ΔW‖/‖W‖`` (the stage's rank-averaged delta), below which ..."""
     window: int = 200
     """... a stage is frozen when its mean over this many steps stays under ``threshold``."""
+    check_every: int = 50
+    """Read the per-stage updates on the host once per this many delta syncs (one read, not one per
+    layer per sync): the freeze decisions are the same, taken up to ``check_every - 1`` syncs late."""
 
 
 @dataclass

@@ -211,6 +211,7 @@ RULES: tuple[Rule, ...] = (
     integer("trainer.max_steps_per_epoch", 1, nullable=True, null_means="for whole epochs",
             why="0 steps would train nothing and still report the untrained accuracy"),
     boolean("trainer.progress"),
+    integer("trainer.log_every", 1),
     # data
     choice("data.name", _datasets),
     text("data.root"),
@@ -249,6 +250,7 @@ RULES: tuple[Rule, ...] = (
     boolean("local.auto_freeze.enabled"),
     number("local.auto_freeze.threshold", 0),
     integer("local.auto_freeze.window", 1),
+    integer("local.auto_freeze.check_every", 1),
     # schedule (static and dynamic)
     choice("schedule.name", _schedules),
     choice("schedule.kind", _static_kinds),

@@ -103,6 +103,8 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.auto_freeze.threshold", float("nan"),
      "local.auto_freeze.threshold=nan must be a finite number >= 0"),
     ("ddp", "local.auto_freeze.window", 0, "local.auto_freeze.window=0 must be an integer >= 1"),
+    ("ddp", "trainer.log_every", 0, "trainer.log_every=0 must be an integer >= 1"),
+    ("ddp", "local.auto_freeze.check_every", 0, "local.auto_freeze.check_every=0 must be an integer >= 1"),
     ("ddp", "schedule.name", "cyclic", "unknown schedule.name 'cyclic'; valid: static, dynamic"),
     ("ddp", "schedule.kind", "exp", "unknown schedule.kind 'exp'; valid: step, linear, cosine"),
     ("ddp", "schedule.warmup_epochs", -1, "schedule.warmup_epochs=-1 must be an integer >= 0"),

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distlocal.errors import ConfigError
+from distlocal.hostsync import reads_are_free
 
 RULES = ("hebb", "oja", "softhebb", "freeze")
 
@@ -196,7 +197,7 @@ def _softmax(z: Tensor, dim: int, temperature: float) -> Tensor:
     the channels of NCHW (3× at 64×32×32).
     """
     inv = 1.0 / temperature
-    if z.device.type == "cpu":
+    if reads_are_free(z):  # CPU (distlocal.hostsync: tests can force the accelerator branch)
         y = torch.exp(z) if temperature == 1.0 else torch.mul(z, inv).exp_()
         norm = y.sum(dim=dim, keepdim=True)
         lo, hi = torch.aminmax(norm)
@@ -354,6 +355,23 @@ def _apply_norm_preserving(
 def make_rule(name: str, temperature: float = 1.0) -> LocalRule:
     """The rule called ``name`` (one of :data:`RULES`); ``temperature`` is softhebb's τ > 0."""
     return LocalRule(name=name, temperature=float(temperature))
+
+
+def finite_flag(dW: Tensor, db: Tensor | None) -> Tensor:
+    """:func:`is_finite` as a 0-dim bool tensor on ``dW``'s device, without a host read.
+
+    A float64 sum of float32 (or narrower) entries cannot overflow (n·3.4e38 is far below float64's
+    range), so it is finite exactly when every entry is: one read-only reduction settles it. float64
+    entries could overflow their own sum, so they are checked entry by entry.
+    """
+    parts = [dW] if db is None else [dW, db]
+    if dW.dtype == torch.float64:
+        flags = [torch.isfinite(p).all() for p in parts]
+        return flags[0] if len(flags) == 1 else flags[0] & flags[1]
+    total = parts[0].sum(dtype=torch.float64)
+    if len(parts) == 2:
+        total = total + parts[1].sum(dtype=torch.float64)
+    return torch.isfinite(total)
 
 
 def is_finite(dW: Tensor, db: Tensor | None) -> bool:

@@ -138,6 +138,9 @@ class LocalConfig:
     """Average deltas across ranks every K steps (accumulated in between)."""
     sync_async: bool = False
     """Overlap the delta all-reduce with the suffix forward/backward."""
+    compile: bool = False
+    """``torch.compile`` the rule's per-layer elementwise work (the GEMM stays eager); off until a
+    GPU run shows it wins (docs/profiling.md). The first step's compile time is logged as compile_s."""
     max_skipped_in_a_row: int = 10
     """Non-finite local updates skipped in a row before the run stops (after a checkpoint)."""
     weak_supervision: WeakSupervisionConfig = field(default_factory=WeakSupervisionConfig)

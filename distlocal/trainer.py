@@ -247,7 +247,8 @@ class Trainer:
         model = build_model(cfg.model, data.in_shape, data.num_classes).to(env.device)
         model.train()
         prof = Profiler(cfg.profiler, model, env.device, run_dir, verbose=env.is_main)  # docs/profiling.md
-        rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature)
+        rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature,
+                         compiled=lc.compile)
         schedule = None if cfg.mode == "sgd" else build_schedule(cfg.schedule, model.num_stages, tc.epochs)
         # One process syncing every step has nothing to average or accumulate: no delta buffer.
         learner = LocalLearner(model, rule, lc.update_every, lc.sample_fraction, lc.chunk_size,
@@ -463,6 +464,8 @@ class Trainer:
                 row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
         # step_time_s becomes the mean timed step
         row.update(self.prof.epoch_end(learner.boundary, self.engine.optimizer))
+        if learner.compile_s:  # local.compile's first-step cost (cumulative; in epoch_time_s too)
+            row["compile_s"] = learner.compile_s
         drift = learner.drift()
         if drift:
             row["drift_max"] = max(drift.values())

@@ -240,6 +240,7 @@ RULES: tuple[Rule, ...] = (
     integer("local.chunk_size", 0, why="0: no fixed chunk"),
     integer("local.chunk_bytes", 0, why="0: no byte bound"),
     integer("local.max_skipped_in_a_row", 0),
+    boolean("local.compile"),
     boolean("local.weak_supervision.enabled"),
     integer("local.weak_supervision.window", 2, why="a spread needs two losses"),
     number("local.weak_supervision.z", 0),

@@ -100,8 +100,9 @@ def make_variant(name: str, base: StagedModel, boundary: int, args: argparse.Nam
     model = copy.deepcopy(base)
     rule = "freeze" if name in ("frozen", "ideal") else args.rule
     # direct: one process syncing every step keeps no delta buffer, as the trainer does.
-    learner = LocalLearner(model, make_rule(rule), args.update_every, args.sample_fraction,
-                           args.chunk_size, args.chunk_bytes, direct=args.sync_every == 1)
+    learner = LocalLearner(model, make_rule(rule, compiled=args.compile), args.update_every,
+                           args.sample_fraction, args.chunk_size, args.chunk_bytes,
+                           direct=args.sync_every == 1)
     learner.lr = args.local_lr  # > 0, or the hooks would skip the delta
     hooks = []
     if name != "sgd" and boundary > 0:
@@ -236,6 +237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="32", choices=list(PRECISIONS), help="autocast: 32, bf16 or 16")
     ap.add_argument("--boundaries", default=None, help="comma-separated subset, e.g. 0,2,4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true",
+                    help="local.compile: torch.compile the rule's elementwise work (give --warmup room "
+                         "for the first compile)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS); 1 is steadiest on a "
                          "busy machine, where multi-threaded steps stall at OpenMP barriers")

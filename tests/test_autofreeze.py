@@ -99,7 +99,7 @@ def test_learner_stops_computing_the_rule_of_a_frozen_stage() -> None:
     rule = learner.rule
 
     class Counting:  # the rule, counting its delta computations (the rule itself is frozen)
-        name = rule.name
+        name, compiled = rule.name, rule.compiled
         apply = staticmethod(rule.apply)
 
         @staticmethod

@@ -71,14 +71,8 @@ def test_one_process_step_reads_only_at_scheduled_points(tmp_path, case: list[st
 @STEP_XFAIL
 @pytest.mark.parametrize("engine", ["ddp", "deepspeed"])
 def test_multi_rank_step_reads_only_at_scheduled_points(tmp_path, one_rank_group, engine: str) -> None:
-    pytest.importorskip("deepspeed") if engine == "deepspeed" else None
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
     cfg = compose([*TINY, f"engine={engine}", "mode=local", "local.sync_every=2", "local.sync_async=true"])
     trainer = Trainer.build(cfg, tmp_path / "run", one_rank_group)
     _assert_scheduled_reads_only(*_count_steady_state(trainer))
-
-
-def test_the_count_sees_todays_per_step_loss_read(tmp_path) -> None:
-    """What the xfail above stands on: the per-step ``float(loss)`` is counted, once per step."""
-    trainer = Trainer.build(compose([*TINY, "mode=sgd"]), tmp_path / "run", ENV)
-    counter, _ = _count_steady_state(trainer)
-    assert counter.counts.get("float", 0) >= STEPS or counter.total <= math.ceil(STEPS / LOG_EVERY)

@@ -58,6 +58,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
      "trainer.max_steps_per_epoch=0 must be an integer >= 1, or null for whole epochs (0 steps would train "
      "nothing and still report the untrained accuracy)"),
     ("ddp", "trainer.progress", None, "trainer.progress=null must be true or false"),
+    ("ddp", "trainer.log_every", 0, "trainer.log_every=0 must be an integer >= 1"),
     ("ddp", "data.name", "mnist", "unknown data.name 'mnist'; valid: digits, cifar10, cifar100, "
      "fashion_mnist, imagefolder, synthetic"),
     ("ddp", "data.root", 7, "data.root=7 must be a string or null"),
@@ -86,6 +87,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.chunk_size", -1, "local.chunk_size=-1 must be an integer >= 0 (0: no fixed chunk)"),
     ("ddp", "local.chunk_bytes", -1, "local.chunk_bytes=-1 must be an integer >= 0 (0: no byte bound)"),
     ("ddp", "local.max_skipped_in_a_row", -1, "local.max_skipped_in_a_row=-1 must be an integer >= 0"),
+    ("ddp", "local.compile", "no", "local.compile=no must be true or false"),
     ("ddp", "local.weak_supervision.enabled", None,
      "local.weak_supervision.enabled=null must be true or false"),
     ("ddp", "local.weak_supervision.window", 1,
@@ -103,7 +105,6 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.auto_freeze.threshold", float("nan"),
      "local.auto_freeze.threshold=nan must be a finite number >= 0"),
     ("ddp", "local.auto_freeze.window", 0, "local.auto_freeze.window=0 must be an integer >= 1"),
-    ("ddp", "trainer.log_every", 0, "trainer.log_every=0 must be an integer >= 1"),
     ("ddp", "local.auto_freeze.check_every", 0, "local.auto_freeze.check_every=0 must be an integer >= 1"),
     ("ddp", "schedule.name", "cyclic", "unknown schedule.name 'cyclic'; valid: static, dynamic"),
     ("ddp", "schedule.kind", "exp", "unknown schedule.kind 'exp'; valid: step, linear, cosine"),

@@ -28,6 +28,7 @@ are free and the report is read at once.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -37,7 +38,7 @@ from torch import nn
 from distlocal.footprint import local_scope
 from distlocal.hostsync import LaggedRead, reads_are_free, zero_unless
 from distlocal.local.autofreeze import AutoFreeze
-from distlocal.local.rules import LocalRule, chunk_rows, finite_flag, is_finite
+from distlocal.local.rules import LocalRule, chunk_rows, compiled_graphs, finite_flag, is_finite
 from distlocal.models.staged import StagedModel
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -116,6 +117,9 @@ class LocalLearner:
         self.pending_steps = 0  # steps accumulated in the buffer since the last apply
         self.skipped_updates = 0
         self.skipped_in_a_row = 0
+        # local.compile: seconds of the update steps that compiled a graph (first-step cost, logged
+        # as compile_s; such a step's eager work is counted in too, a step's worth at most).
+        self.compile_s = 0.0
         # Auto-freeze (distlocal/local/autofreeze.py): off unless the trainer sets it from local.auto_freeze.
         self.auto_freeze = AutoFreeze(enabled=False)
 
@@ -265,11 +269,15 @@ class LocalLearner:
         if not self.has_local:
             return x
         self._update_now = bool(self._slots) and step % self.update_every == 0 and self.lr > 0
+        timed = self._update_now and self.rule.compiled
+        graphs, t0 = (compiled_graphs(), time.perf_counter()) if timed else (0, 0.0)
         try:
             with torch.no_grad():
                 h = self.model.forward_range(x, 0, self.boundary)
         finally:
             self._update_now = False
+        if timed and compiled_graphs() > graphs:
+            self.compile_s += time.perf_counter() - t0
         self.pending_steps += 1
         return h
 

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 from conftest import REPO, check_ok, run
 
 
+# Over a minute (five Python processes, a training run and speedup_check.py): slow, out of
+# `make test`; run with `pytest -m slow tests/test_device_check.py`.
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_device_check_cpu_version_writes_every_part(tmp_path) -> None:
     out = tmp_path / "device"
-    check_ok(run(["bash", str(REPO / "profiling" / "device_check.sh")], timeout=600,
+    check_ok(run(["bash", str(REPO / "profiling" / "device_check.sh")], timeout=880,
                  DEVICE="cpu", OUT=str(out), PYTHON=sys.executable))
     summary = json.loads((out / "summary.json").read_text())
     assert sorted({r["boundary"] for r in summary["bench"]}) == [3, 6]  # convnet: mid and deepest

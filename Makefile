@@ -5,6 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 NPROC  ?= 2
 ARGS   ?=
+# `make test` leaves out the tests marked slow (over a minute: torch.compile's first compile on
+# CPU); `make test MARKS=` runs everything, `make test MARKS=slow` those alone.
+MARKS  ?= not slow
 # Several ranks on few cores: one thread per rank, or steps get ~10x slower.
 export OMP_NUM_THREADS ?= 1
 
@@ -24,7 +27,7 @@ train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "$(MARKS)" $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

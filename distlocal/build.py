@@ -70,7 +70,8 @@ def build_step_parts(cfg: DictConfig, model: StagedModel, env: DistEnv,
     ``trainer.*``) over ``model`` at boundary 0, with the run's autocast; ``timer``: the profiler's
     ``phase`` for the sync. No LR scheduler (the trainer adds its own)."""
     lc, tc = cfg.local, cfg.trainer
-    rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature)
+    rule = make_rule("freeze" if cfg.mode == "freeze" else lc.rule, temperature=lc.temperature,
+                     compiled=lc.compile)
     # One process syncing every step has nothing to average or accumulate: no delta buffer.
     learner = LocalLearner(model, rule, lc.update_every, lc.sample_fraction, lc.chunk_size,
                            lc.chunk_bytes, direct=env.world_size == 1 and lc.sync_every == 1)

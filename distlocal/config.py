@@ -48,6 +48,9 @@ class TrainerConfig:
     eval_every_steps: int | None = None
     """Also evaluate every N global steps (validation split if any, else test), each logged with its
     step and cumulative training time on every clock; ``null``: at epoch ends only."""
+    log_every: int = 50
+    """Steps between host reads of the accumulated training loss (the progress bar and per-step logs
+    update there; also read at epoch end). Each read waits for the accelerator to drain its queue."""
 
 
 @dataclass
@@ -109,6 +112,9 @@ class AutoFreezeConfig:
     """Effective update per step, ``lr·‖ΔW‖/‖W‖`` (the stage's rank-averaged delta), below which ..."""
     window: int = 200
     """... a stage is frozen when its mean over this many steps stays under ``threshold``."""
+    check_every: int = 50
+    """Read the per-stage updates on the host once per this many delta syncs (one read, not one per
+    layer per sync): the freeze decisions are the same, taken up to ``check_every - 1`` syncs late."""
 
 
 @dataclass
@@ -138,6 +144,9 @@ class LocalConfig:
     """Average deltas across ranks every K steps (accumulated in between)."""
     sync_async: bool = False
     """Overlap the delta all-reduce with the suffix forward/backward."""
+    compile: bool = False
+    """``torch.compile`` the rule's per-layer elementwise work (the GEMM stays eager); off until a
+    GPU run shows it wins (docs/profiling.md). The first step's compile time is logged as compile_s."""
     max_skipped_in_a_row: int = 10
     """Non-finite local updates skipped in a row before the run stops (after a checkpoint)."""
     weak_supervision: WeakSupervisionConfig = field(default_factory=WeakSupervisionConfig)

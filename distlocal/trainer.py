@@ -104,6 +104,7 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.on_epoch_end: EpochHook | None = None
         self.on_step_end: StepHook | None = None
+        self._loss_acc: torch.Tensor | None = None  # the loss sum since the last read_loss, on the device
         self.clocks = TrainClocks(env.device)  # profiler/clocks.py; time to accuracy: tta.py
         self.tta = tta.TimeToAccuracy("test" if data.val is None else "val")
 
@@ -193,13 +194,25 @@ class Trainer:
             self.ws.backoff()
         if synced.mean_loss is not None:
             self.ws.update(synced.mean_loss)
-        loss_val = float(loss)
-        sums = self.loop.epoch_sums
-        if math.isfinite(loss_val):
-            sums[0] += loss_val * y.numel()
-        sums[1] += y.numel()
+        # The loss stays on the device (a read per step would stall an accelerator's queue): summed
+        # here in float64, read every trainer.log_every steps, at checkpoints and at the epoch end.
+        term = torch.where(torch.isfinite(loss), loss.double() * y.numel(), 0.0)  # non-finite: left out
+        self._loss_acc = term if self._loss_acc is None else self._loss_acc + term
+        self.loop.epoch_sums[1] += y.numel()
         self.loop.global_step += 1
+        if self.loop.global_step % self.cfg.trainer.log_every == 0:
+            self.read_loss()
         prof.step_end()
+
+    def read_loss(self) -> float:
+        """Move the device-side loss sum into the epoch's sums (one host read); returns the epoch's
+        mean training loss so far. Called at fixed points (every ``trainer.log_every`` steps, before a
+        checkpoint, at the epoch end), so a resumed run sums in the same groups as an uninterrupted one."""
+        sums = self.loop.epoch_sums
+        if self._loss_acc is not None:
+            sums[0] += float(self._loss_acc)
+            self._loss_acc = None
+        return sums[0] / max(sums[1], 1.0)
 
     @property
     def parts(self) -> StepParts:
@@ -227,6 +240,8 @@ class Trainer:
                 self.train_step(step, batches)
                 self.clocks.step_end()
                 bar.update(1)
+                if self.loop.global_step % self.cfg.trainer.log_every == 0:  # read there, no new read
+                    bar.set_postfix(loss=f"{self.loop.epoch_sums[0] / max(self.loop.epoch_sums[1], 1):.4f}")
                 self._after_step(epoch, step)
         return self._end_epoch(epoch, first, self.clocks.pause())
 
@@ -310,6 +325,7 @@ class Trainer:
         """The epoch's metrics row (also updates the accuracies and feeds the boundary selector)."""
         loop, learner, tc, env = self.loop, self.learner, self.cfg.trainer, self.env
         skipped = count_skipped(self.data.train, self.data.steps_per_epoch)  # data.on_corrupt=skip
+        self.read_loss()
         loss_sum, n_seen, skipped = all_reduce_sum([*loop.epoch_sums, skipped], env)
         test_loss, loop.acc = self.evaluate(self.data.test)
         loop.best_acc = max(loop.best_acc, loop.acc)
@@ -340,6 +356,8 @@ class Trainer:
                 row["u_ratio"], row["moved"] = decision["u_ratio"], decision["moved"]
         # step_time_s becomes the mean timed step
         row.update(self.prof.epoch_end(learner.boundary, self.engine.optimizer))
+        if learner.compile_s:  # local.compile's first-step cost (cumulative; in epoch_time_s too)
+            row["compile_s"] = learner.compile_s
         drift = learner.drift()
         if drift:
             row["drift_max"] = max(drift.values())
@@ -378,6 +396,7 @@ class Trainer:
         ranks' sums of the epoch in progress are gathered).
         """
         state = {name: None if part is None else part.state_dict() for name, part in self._parts().items()}
+        self.read_loss()  # the device-side loss sum joins the epoch's sums
         loop = asdict(self.loop)
         loop["epoch_sums"] = gather_sums(loop["epoch_sums"], self.env) if loop["mid_epoch"] \
             else [loop["epoch_sums"]]

@@ -219,6 +219,7 @@ RULES: tuple[Rule, ...] = (
     boolean("trainer.progress"),
     integer("trainer.eval_every_steps", 1, nullable=True, null_means="to evaluate at epoch ends only",
             why="an evaluation every 0 steps never trains"),
+    integer("trainer.log_every", 1),
     # data
     choice("data.name", _datasets),
     text("data.root"),
@@ -248,6 +249,7 @@ RULES: tuple[Rule, ...] = (
     integer("local.chunk_size", 0, why="0: no fixed chunk"),
     integer("local.chunk_bytes", 0, why="0: no byte bound"),
     integer("local.max_skipped_in_a_row", 0),
+    boolean("local.compile"),
     boolean("local.weak_supervision.enabled"),
     integer("local.weak_supervision.window", 2, why="a spread needs two losses"),
     number("local.weak_supervision.z", 0),
@@ -258,6 +260,7 @@ RULES: tuple[Rule, ...] = (
     boolean("local.auto_freeze.enabled"),
     number("local.auto_freeze.threshold", 0),
     integer("local.auto_freeze.window", 1),
+    integer("local.auto_freeze.check_every", 1),
     # schedule (static and dynamic)
     choice("schedule.name", _schedules),
     choice("schedule.kind", _static_kinds),

@@ -110,7 +110,7 @@ def run_config(args: argparse.Namespace, rule: str) -> DictConfig:
                     f"local.sync_every={args.sync_every}", f"local.sample_fraction={args.sample_fraction}",
                     f"local.chunk_size={args.chunk_size}", f"local.chunk_bytes={args.chunk_bytes}",
                     f"trainer.precision={args.precision}", f"trainer.batch_size={args.batch_size}",
-                    "engine=ddp"])
+                    f"local.compile={str(args.compile).lower()}", "engine=ddp"])
 
 
 def make_variant(name: str, base: StagedModel, boundary: int, cfgs: dict[str, DictConfig],
@@ -247,6 +247,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--precision", default="32", choices=list(PRECISIONS), help="autocast: 32, bf16 or 16")
     ap.add_argument("--boundaries", default=None, help="comma-separated subset, e.g. 0,2,4")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true",
+                    help="local.compile: torch.compile the rule's elementwise work (give --warmup room "
+                         "for the first compile)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's, i.e. OMP_NUM_THREADS); 1 is steadiest on a "
                          "busy machine, where multi-threaded steps stall at OpenMP barriers")

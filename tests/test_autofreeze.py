@@ -11,6 +11,7 @@ from test_resume import BASE, _assert_same_run, _cut_mid_epoch_2, _rows, _worker
 
 from distlocal.config import AutoFreezeConfig
 from distlocal.errors import ConfigError
+from distlocal.hostsync import HostReadCounter
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import _Slot
 
@@ -60,7 +61,30 @@ def test_disabled_and_state_round_trip() -> None:
     assert again.observe([_slot(0, 1e-5), _slot(1, 1e-5)], steps=3) == [0, 1]
 
 
-@pytest.mark.parametrize("kw", [dict(threshold=-1.0), dict(window=0), dict(threshold=float("nan"))])
+def test_check_every_reads_once_per_check_and_takes_the_same_decisions_later() -> None:
+    every = AutoFreeze(threshold=1e-3, window=4)
+    lagged = AutoFreeze(threshold=1e-3, window=4, check_every=3)
+    dead, alive = _slot(0, 1e-4), _slot(1, 1e-2)
+    got = []
+    for i in range(9):
+        assert every.observe([dead, alive], steps=1) == ([0] if i == 3 else [])
+        with HostReadCounter() as counter:
+            got.append(lagged.observe([dead, alive], steps=1))
+        assert counter.total == (1 if i % 3 == 2 else 0)  # one read per check, none in between
+    assert got == [[], [], [], [], [], [0], [], [], []]  # found at the 4th, decided at the 6th
+    assert lagged.frozen == every.frozen == {0} and lagged._acc == every._acc
+
+
+def test_a_skipped_application_is_dropped_at_the_check() -> None:
+    af = AutoFreeze(threshold=1e-3, window=2, check_every=2)
+    dead = _slot(0, 1e-4)
+    af.observe([dead], steps=1, ok=torch.tensor(False))
+    assert af.observe([dead], steps=1, ok=torch.tensor(True)) == []
+    assert af._acc == {0: [pytest.approx(1e-4, rel=1e-6), 1.0]}  # one step counted, not two
+
+
+@pytest.mark.parametrize("kw", [dict(threshold=-1.0), dict(window=0), dict(threshold=float("nan")),
+                                dict(check_every=0)])
 def test_bad_config(kw: dict) -> None:
     with pytest.raises(ConfigError):
         AutoFreeze(**kw)
@@ -75,7 +99,7 @@ def test_learner_stops_computing_the_rule_of_a_frozen_stage() -> None:
     rule = learner.rule
 
     class Counting:  # the rule, counting its delta computations (the rule itself is frozen)
-        name = rule.name
+        name, compiled = rule.name, rule.compiled
         apply = staticmethod(rule.apply)
 
         @staticmethod
@@ -107,14 +131,18 @@ def test_learner_stops_computing_the_rule_of_a_frozen_stage() -> None:
     assert state["auto_freeze"]["frozen"] == [0, 1]
 
 
-def test_resume_mid_epoch_with_auto_freeze_is_exact(tmp_path) -> None:
-    # A threshold every stage is under: a stage freezes 5 steps after turning local, so the
-    # checkpoint at step 4 of epoch 2 holds stage 0 frozen and stage 1 mid-window.
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_resume_mid_epoch_with_auto_freeze_is_exact(tmp_path, check_every: int) -> None:
+    # A threshold every stage is under: a stage freezes 5 steps after turning local, so (checked
+    # every sync) the checkpoint at step 4 of epoch 2 holds stage 0 frozen and stage 1 mid-window.
+    # Checked every 3 syncs, that checkpoint holds unread observations: the resume reads them at
+    # the same sync as the uninterrupted run.
     args = [*BASE, "checkpoint.every_steps=4", "local.auto_freeze.threshold=1.0",
-            "local.auto_freeze.window=5"]
+            "local.auto_freeze.window=5", f"local.auto_freeze.check_every={check_every}"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     _worker(full, *args)
-    assert _cut_mid_epoch_2(cut, *args)["learner"]["auto_freeze"]["frozen"] == [0]
+    saved = _cut_mid_epoch_2(cut, *args)["learner"]["auto_freeze"]
+    assert saved["frozen"] == [0] if check_every == 1 else saved["pending"]
     _worker(cut, *args)
     _assert_same_run(full, cut, entered_mid_epoch=2)
     assert [r["auto_frozen"] for r in _rows(full)[1:]] == [[1], [1, 1], [1, 1, 1]]

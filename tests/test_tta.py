@@ -116,10 +116,10 @@ def test_evaluation_time_stays_out_of_every_training_clock(monkeypatch, tmp_path
     """A full run on fake clocks: a training step costs 1 s on the wall and the CPU clock, an
     evaluation 100 s. Epoch times, the cumulative clocks of each evaluation and the profiler's step
     time must hold the steps alone (the step-4 evaluation falls inside the profiler's timed window)."""
-    from distlocal.profiler import timing
     from distlocal import trainer as trainer_mod
     from distlocal.config import compose
     from distlocal.parallel.ddp import DDPEngine
+    from distlocal.profiler import timing
     from distlocal.profiler.clocks import TrainClocks
     from distlocal.trainer import Trainer, train
 

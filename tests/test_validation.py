@@ -60,6 +60,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "trainer.progress", None, "trainer.progress=null must be true or false"),
     ("ddp", "trainer.eval_every_steps", 0, "trainer.eval_every_steps=0 must be an integer >= 1, or null to "
      "evaluate at epoch ends only (an evaluation every 0 steps never trains)"),
+    ("ddp", "trainer.log_every", 0, "trainer.log_every=0 must be an integer >= 1"),
     ("ddp", "data.name", "mnist", "unknown data.name 'mnist'; valid: digits, cifar10, cifar100, "
      "fashion_mnist, imagefolder, synthetic"),
     ("ddp", "data.root", 7, "data.root=7 must be a string or null"),
@@ -89,6 +90,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.chunk_size", -1, "local.chunk_size=-1 must be an integer >= 0 (0: no fixed chunk)"),
     ("ddp", "local.chunk_bytes", -1, "local.chunk_bytes=-1 must be an integer >= 0 (0: no byte bound)"),
     ("ddp", "local.max_skipped_in_a_row", -1, "local.max_skipped_in_a_row=-1 must be an integer >= 0"),
+    ("ddp", "local.compile", "no", "local.compile=no must be true or false"),
     ("ddp", "local.weak_supervision.enabled", None,
      "local.weak_supervision.enabled=null must be true or false"),
     ("ddp", "local.weak_supervision.window", 1,
@@ -106,6 +108,7 @@ KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "local.auto_freeze.threshold", float("nan"),
      "local.auto_freeze.threshold=nan must be a finite number >= 0"),
     ("ddp", "local.auto_freeze.window", 0, "local.auto_freeze.window=0 must be an integer >= 1"),
+    ("ddp", "local.auto_freeze.check_every", 0, "local.auto_freeze.check_every=0 must be an integer >= 1"),
     ("ddp", "schedule.name", "cyclic", "unknown schedule.name 'cyclic'; valid: static, dynamic"),
     ("ddp", "schedule.kind", "exp", "unknown schedule.kind 'exp'; valid: step, linear, cosine"),
     ("ddp", "schedule.warmup_epochs", -1, "schedule.warmup_epochs=-1 must be an integer >= 0"),

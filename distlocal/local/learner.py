@@ -17,22 +17,38 @@ Two things keep a local layer near its physical limit (its forward plus one weig
   the loss. Applying right after the layer's own forward is the same update as applying at the
   end of the step: the layer's output is already computed and no other layer reads its weights.
   A non-finite delta is then skipped for that layer alone (counted like a skipped update).
+
+No host read per step on an accelerator (:mod:`distlocal.hostsync`): the non-finite checks run on
+the device (a skipped delta is zeroed with ``masked_fill_``, an exact no-op when applied), and
+what a sync reports to the host (its mean loss and whether it was skipped) is read one sync late
+through :class:`~distlocal.hostsync.LaggedRead`; the skip counters follow that read. On CPU reads
+are free and the report is read at once.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from distlocal.hostsync import LaggedRead, reads_are_free, zero_unless
 from distlocal.local.autofreeze import AutoFreeze
-from distlocal.local.rules import LocalRule, chunk_rows, is_finite
+from distlocal.local.rules import LocalRule, chunk_rows, compiled_graphs, finite_flag, is_finite
 from distlocal.local.scope import local_scope
 from distlocal.models.staged import StagedModel
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class SyncResult(NamedTuple):
+    """What the host learns from a delta application (one sync late on an accelerator)."""
+
+    mean_loss: float | None  # the rank-averaged loss of the synced period; None: no sync or no loss
+    skipped: bool  # the sync's update was non-finite and not applied (weak supervision backs off)
 
 
 @dataclass
@@ -47,14 +63,15 @@ class _Slot:
     applied_sq: torch.Tensor | None = None
     """``direct`` with auto-freeze: ``||lr * delta||^2`` applied since the last sync (no buffer holds it)."""
 
-    def delta_sq(self) -> float:
-        """``||lr * delta||^2`` (weight and bias) accumulated since the last sync; direct slots restart."""
+    def delta_sq(self) -> torch.Tensor:
+        """``||lr * delta||^2`` (weight and bias) accumulated since the last sync, a 0-dim float64
+        tensor on the device (no host read); direct slots restart."""
         if self.w is not None:
-            d = float(self.w.double().pow(2).sum())
-            return d + (float(self.b.double().pow(2).sum()) if self.b is not None else 0.0)
+            d = self.w.double().pow(2).sum()
+            return d + self.b.double().pow(2).sum() if self.b is not None else d
         if self.applied_sq is None:
-            return 0.0
-        d = float(self.applied_sq)
+            return torch.zeros((), dtype=torch.float64, device=self.module.weight.device)
+        d = self.applied_sq.clone()
         self.applied_sq.zero_()
         return d
 
@@ -84,7 +101,9 @@ class LocalLearner:
         self.chunk_bytes = chunk_bytes
         self.direct = direct
         self.delta_pending = False  # a delta was computed since the last apply (DeltaSync asks)
-        self._direct_nonfinite = False
+        # Direct mode: every layer's delta of the period was finite (a bool, or a device flag).
+        self._direct_ok: bool | torch.Tensor = True
+        self._report = LaggedRead()  # what apply() tells the host: [loss_sum, loss_count, ok]
         self.boundary = 0
         self.lr = 0.0  # local learning rate in force for the next forward (eta0 * multiplier)
         self._update_now = False
@@ -98,6 +117,9 @@ class LocalLearner:
         self.pending_steps = 0  # steps accumulated in the buffer since the last apply
         self.skipped_updates = 0
         self.skipped_in_a_row = 0
+        # local.compile: seconds of the update steps that compiled a graph (first-step cost, logged
+        # as compile_s; such a step's eager work is counted in too, a step's worth at most).
+        self.compile_s = 0.0
         # Auto-freeze (distlocal/local/autofreeze.py): off unless the trainer sets it from local.auto_freeze.
         self.auto_freeze = AutoFreeze(enabled=False)
 
@@ -193,20 +215,34 @@ class LocalLearner:
                 dw, db = d
                 self.delta_pending = True
                 if slot.w is None:  # direct: apply now, nothing is accumulated
-                    if is_finite(dw, db):
-                        self.rule.apply(module, dw, db if module.bias is not None else None, self.lr)
-                        if self.auto_freeze.enabled:  # no buffer keeps the delta: its size, for it
-                            sq = dw.double().square().sum()
-                            if db is not None and module.bias is not None:
-                                sq = sq + db.double().square().sum()
-                            slot.applied_sq.add_(sq * self.lr**2)
-                    else:
-                        self._direct_nonfinite = True
+                    self._apply_direct(slot, dw, db)
                     return
                 slot.w.add_(dw, alpha=self.lr)
                 if slot.b is not None and db is not None:
                     slot.b.add_(db, alpha=self.lr)
         return hook
+
+    def _finite(self, dw: torch.Tensor, db: torch.Tensor | None) -> bool | torch.Tensor:
+        """Whether a delta is finite: a ``bool`` where reads are free, else a device flag."""
+        return is_finite(dw, db) if reads_are_free(dw) else finite_flag(dw, db)
+
+    def _apply_direct(self, slot: _Slot, dw: torch.Tensor, db: torch.Tensor | None) -> None:
+        """Apply one layer's ``lr * delta`` right away (direct mode), unless it is non-finite: on
+        CPU it is skipped, on an accelerator zeroed on the device first (adding zero changes
+        nothing, and hebb's rescale of an unchanged filter is by exactly 1)."""
+        module = slot.module
+        ok = self._finite(dw, db)
+        self._direct_ok = ok & self._direct_ok
+        if ok is False:
+            return
+        db = db if module.bias is not None else None
+        zero_unless(ok, dw, db)
+        self.rule.apply(module, dw, db, self.lr)
+        if self.auto_freeze.enabled:  # no buffer keeps the delta: its size, for it
+            sq = dw.double().square().sum()
+            if db is not None:
+                sq = sq + db.double().square().sum()
+            slot.applied_sq.add_(sq * self.lr**2)
 
     @property
     def delta_part(self) -> torch.Tensor:
@@ -233,15 +269,19 @@ class LocalLearner:
         if not self.has_local:
             return x
         self._update_now = bool(self._slots) and step % self.update_every == 0 and self.lr > 0
+        timed = self._update_now and self.rule.compiled
+        graphs, t0 = (compiled_graphs(), time.perf_counter()) if timed else (0, 0.0)
         try:
             with torch.no_grad():
                 h = self.model.forward_range(x, 0, self.boundary)
         finally:
             self._update_now = False
+        if timed and compiled_graphs() > graphs:
+            self.compile_s += time.perf_counter() - t0
         self.pending_steps += 1
         return h
 
-    def add_loss(self, loss: float) -> None:
+    def add_loss(self, loss: float | torch.Tensor) -> None:
         """Record a step's loss in the buffer, so the ranks average it with the deltas."""
         if self.has_local:
             self.buffer[-2] += loss
@@ -266,11 +306,12 @@ class LocalLearner:
         # gloo has no AVG op: the ranks sum, then divide (the same on every rank, so still identical).
         self.buffer.div_(world_size)
 
-    def apply(self) -> float | None:
+    def apply(self) -> SyncResult | None:
         """Apply the (rank-averaged) buffer: deltas to weights, stats back to BatchNorm.
 
-        Returns the mean loss the buffer carried (``None`` if it carried none). A non-finite
-        delta is never applied: the update is skipped and counted.
+        A non-finite delta (or loss) is never applied: the update is skipped and counted. Returns
+        what the host learns of an application, read without waiting for the device: this one's on
+        CPU, the previous one's on an accelerator (``None``: none to report yet).
         """
         if not self.has_local:
             return None
@@ -281,13 +322,11 @@ class LocalLearner:
                 off += t.numel()
         # The loss slots count too: a non-finite loss means this period's deltas came from a
         # diverging step. The buffer is rank-averaged, so every rank takes the same decision.
-        nonfinite = self._direct_nonfinite or not is_finite(self.buffer[: self._n_delta], self.buffer[-2:])
-        self._direct_nonfinite = self.delta_pending = False
-        if nonfinite:
-            self.skipped_updates += 1
-            self.skipped_in_a_row += 1
-        else:
-            self.skipped_in_a_row = 0
+        delta = self.buffer[: self._n_delta]
+        ok = self._finite(delta, self.buffer[-2:]) & self._direct_ok
+        self._direct_ok, self.delta_pending = True, False
+        if ok is not False:  # on an accelerator always: a non-finite buffer is zeroed first
+            zero_unless(ok, delta)
             with torch.no_grad():
                 for s in self._slots:
                     # Direct slots were applied in their hooks; auto-frozen ones hold no delta.
@@ -295,12 +334,25 @@ class LocalLearner:
                         self.rule.apply(s.module, s.w, s.b, 1.0)
             # Auto-freeze decides from the rank-averaged buffer (or, direct, the deltas applied
             # since the last call): the same on every rank.
-            self.auto_freeze.observe(self._slots, self.pending_steps)
-        count = float(self.buffer[-1])
-        loss = float(self.buffer[-2]) / count if count > 0 and math.isfinite(float(self.buffer[-2])) else None
+            self.auto_freeze.observe(self._slots, self.pending_steps,
+                                     ok if isinstance(ok, torch.Tensor) else None)
+        flag = ok.float() if isinstance(ok, torch.Tensor) else self.buffer.new_tensor(float(ok))
+        read = self._report.push(torch.stack([self.buffer[-2], self.buffer[-1], flag]))
         self.buffer.zero_()
         self.pending_steps = 0
-        return loss
+        return None if read is None else self._take(read)
+
+    def _take(self, report: list[float]) -> SyncResult:
+        """Count a report ``[loss_sum, loss_count, ok]`` read on the host; its mean loss and skip."""
+        loss_sum, count, ok = report
+        skipped = not ok
+        if skipped:
+            self.skipped_updates += 1
+            self.skipped_in_a_row += 1
+        else:
+            self.skipped_in_a_row = 0
+        loss = loss_sum / count if count > 0 and math.isfinite(loss_sum) else None
+        return SyncResult(loss, skipped)
 
     @property
     def delta_bytes(self) -> int:
@@ -316,6 +368,7 @@ class LocalLearner:
         return {"boundary": self.boundary, "buffer": self.buffer.detach().cpu().clone(),
                 "pending_steps": self.pending_steps, "skipped_updates": self.skipped_updates,
                 "skipped_in_a_row": self.skipped_in_a_row, "auto_freeze": self.auto_freeze.state_dict(),
+                "report": self._report.state(),
                 "switch": {k: v.detach().cpu().clone() for k, v in self._switch.items()}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -345,6 +398,7 @@ class LocalLearner:
         self.skipped_in_a_row = int(state["skipped_in_a_row"])
         if "auto_freeze" in state:  # absent in checkpoints written before auto-freeze existed
             self.auto_freeze.load_state_dict(state["auto_freeze"])
+        self._report.pending = state.get("report")  # the unread report of the last sync, if any
         dev = self.buffer.device
         self._switch = {k: v.to(dev) for k, v in state["switch"].items()}
 

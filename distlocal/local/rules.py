@@ -29,13 +29,16 @@ change η from step to step, and ``apply`` then writes the accumulated ``η·del
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distlocal.errors import ConfigError
+from distlocal.hostsync import reads_are_free
 
 RULES = ("hebb", "oja", "softhebb", "freeze")
 
@@ -159,7 +162,7 @@ def chunk_rows(x: Tensor, z: Tensor, chunk_bytes: int) -> int:
     return max(1, int(chunk_bytes) // max(per_sample, 1))
 
 
-def _channel_dot(module: nn.Module, corr_w: Tensor, corr_b: Tensor | None) -> Tensor:
+def _channel_dot(weight: Tensor, bias: Tensor | None, corr_w: Tensor, corr_b: Tensor | None) -> Tensor:
     """Per-output-channel ``Σ s·z`` from the GEMM's ``Σ s xᵀ`` (``corr_w``) and ``Σ s`` (``corr_b``).
 
     ``z`` is the layer's output, ``z_c = ⟨W_c, x⟩ + b_c`` at every position (``x`` the input patch),
@@ -168,10 +171,10 @@ def _channel_dot(module: nn.Module, corr_w: Tensor, corr_b: Tensor | None) -> Te
     pass over an activation-sized tensor. Exact up to rounding when ``z`` is ``module(x)``; under
     autocast ``z`` was rounded to bf16/fp16 and this is the float32 value it was rounded from.
     """
-    w = module.weight.detach().to(corr_w.dtype)
+    w = weight.to(corr_w.dtype)
     dot = torch.linalg.vecdot(w.reshape(w.shape[0], -1), corr_w.reshape(w.shape[0], -1))
     if corr_b is not None:
-        dot.add_(module.bias.detach().to(corr_b.dtype) * corr_b)
+        dot.add_(bias.to(corr_b.dtype) * corr_b)
     return dot
 
 
@@ -196,16 +199,22 @@ def _softmax(z: Tensor, dim: int, temperature: float) -> Tensor:
     the channels of NCHW (3× at 64×32×32).
     """
     inv = 1.0 / temperature
-    if z.device.type == "cpu":
+    if reads_are_free(z):  # CPU (distlocal.hostsync: tests can force the accelerator branch)
         y = torch.exp(z) if temperature == 1.0 else torch.mul(z, inv).exp_()
         norm = y.sum(dim=dim, keepdim=True)
         lo, hi = torch.aminmax(norm)
         if float(lo) >= _MIN_NORMALISER and float(hi) < math.inf:  # False for NaN
             return y.mul_(norm.reciprocal_())
         del y, norm
+    return _stable_softmax(z, dim, temperature)
+
+
+def _stable_softmax(z: Tensor, dim: int, temperature: float) -> Tensor:
+    """The max-subtracted ``softmax(z / τ)`` over ``dim``, in place in one new tensor; no host read
+    (the accelerator path of :func:`_softmax`, and what ``local.compile`` fuses into one kernel)."""
     y = torch.sub(z, z.amax(dim=dim, keepdim=True))
     if temperature != 1.0:
-        y.mul_(inv)
+        y.mul_(1.0 / temperature)
     y.exp_()
     return y.mul_(y.sum(dim=dim, keepdim=True).reciprocal_())
 
@@ -215,15 +224,56 @@ def _per_channel(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
-def _decay_(module: nn.Module, corr: Delta, scale: Tensor) -> Delta:
-    """``corr − scale ⊙ [W, b]`` written into ``corr`` (the rule's own sums): the subtractive
-    normalisation shared by oja and softhebb, one pass over the weight and no temporary."""
-    w = module.weight.detach().to(corr[0].dtype)
-    dw = corr[0].addcmul_(_per_channel(scale, w), w, value=-1)
-    db = corr[1]
-    if db is not None:
-        db.addcmul_(scale, module.bias.detach().to(db.dtype), value=-1)
-    return dw, db
+def _decay_(weight: Tensor, bias: Tensor | None, corr_w: Tensor, corr_b: Tensor | None) -> Delta:
+    """``corr − s ⊙ [W, b]`` written into ``corr`` (the rule's own sums), ``s`` the per-channel
+    :func:`_channel_dot`: the subtractive normalisation shared by oja and softhebb, one pass over
+    the weight and no temporary. Pure tensor work (what ``local.compile`` fuses)."""
+    scale = _channel_dot(weight, bias, corr_w, corr_b)
+    w = weight.to(corr_w.dtype)
+    dw = corr_w.addcmul_(_per_channel(scale, w), w, value=-1)
+    if corr_b is not None:
+        corr_b.addcmul_(scale, bias.to(corr_b.dtype), value=-1)
+    return dw, corr_b
+
+
+class _Kernels(NamedTuple):
+    """The rule's elementwise work besides the GEMM: eager, or compiled (``local.compile``)."""
+
+    softmax: Callable[[Tensor, int, float], Tensor]
+    decay: Callable[[Tensor, Tensor | None, Tensor, Tensor | None], Delta]
+
+
+_EAGER = _Kernels(_softmax, _decay_)
+_COMPILED: _Kernels | None = None
+# Each distinct layer shape (and an uneven last chunk) is one compiled graph of the same function;
+# dynamo's default of 8 per function would fall back to eager past ResNet-18's eighth shape.
+_COMPILE_CACHE = 256
+
+
+def _compiled_kernels() -> _Kernels:
+    """The kernels through ``torch.compile(dynamic=False)``, built on first use.
+
+    Static shapes: one graph per distinct shape, each compiled at its first call (the first update
+    step, whose time the learner logs as ``compile_s``), none after. The softmax is the
+    max-subtracted one (:func:`_stable_softmax`), which has no host read to break the graph.
+    """
+    global _COMPILED
+    if _COMPILED is None:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _COMPILE_CACHE)
+        _COMPILED = _Kernels(torch.compile(_stable_softmax, dynamic=False),
+                             torch.compile(_decay_, dynamic=False))
+    return _COMPILED
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has built in this process so far (0 before any compile)."""
+    if _COMPILED is None:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 @dataclass(frozen=True)
@@ -231,10 +281,17 @@ class LocalRule:
     """One local rule: ``delta`` computes the (shard-averageable) delta, ``apply`` writes it.
 
     Build with :func:`make_rule`. ``temperature`` is softhebb's τ (ignored by the others).
+    ``compiled`` (``local.compile``): the per-layer elementwise work (softhebb's softmax, oja's and
+    softhebb's subtractive normalisation) runs through ``torch.compile``; the weight GEMM stays
+    eager (it already is one library call). See :func:`_compiled_kernels`.
     """
 
     name: str
     temperature: float = 1.0
+    compiled: bool = False
+
+    def _kernels(self) -> _Kernels:
+        return _compiled_kernels() if self.compiled else _EAGER
 
     def __post_init__(self) -> None:
         # Validated here rather than only in make_rule, so a directly built rule cannot be bogus.
@@ -277,7 +334,7 @@ class LocalRule:
                     # whatever group their inputs come from. ``y`` is a fresh tensor (``zc`` may
                     # be the layer's output itself, never modified).
                     dim = 1 if isinstance(module, nn.Conv2d) else -1
-                    y = _softmax(zc, dim, self.temperature)
+                    y = self._kernels().softmax(zc, dim, self.temperature)
                     cw, cb, m = correlation_sum(module, xc, y)
                     del y
                 else:
@@ -294,7 +351,8 @@ class LocalRule:
             if self.name == "hebb":
                 return corr_w, corr_b
             # oja's ⟨z²⟩ and softhebb's ⟨y·z⟩, read off the GEMM's result (no pass over z).
-            return _decay_(module, (corr_w, corr_b), _channel_dot(module, corr_w, corr_b))
+            bias = module.bias.detach() if corr_b is not None else None
+            return self._kernels().decay(module.weight.detach(), bias, corr_w, corr_b)
 
     def apply(self, module: nn.Module, dW: Tensor, db: Tensor | None, lr: float) -> None:
         """Write the (possibly rank-averaged) delta into ``module`` in place: ``W += lr·dW``.
@@ -351,9 +409,27 @@ def _apply_norm_preserving(
     weight.copy_(new.reshape(weight.shape))
 
 
-def make_rule(name: str, temperature: float = 1.0) -> LocalRule:
-    """The rule called ``name`` (one of :data:`RULES`); ``temperature`` is softhebb's τ > 0."""
-    return LocalRule(name=name, temperature=float(temperature))
+def make_rule(name: str, temperature: float = 1.0, compiled: bool = False) -> LocalRule:
+    """The rule called ``name`` (one of :data:`RULES`); ``temperature`` is softhebb's τ > 0;
+    ``compiled``: ``local.compile`` (the elementwise work through ``torch.compile``)."""
+    return LocalRule(name=name, temperature=float(temperature), compiled=bool(compiled))
+
+
+def finite_flag(dW: Tensor, db: Tensor | None) -> Tensor:
+    """:func:`is_finite` as a 0-dim bool tensor on ``dW``'s device, without a host read.
+
+    A float64 sum of float32 (or narrower) entries cannot overflow (n·3.4e38 is far below float64's
+    range), so it is finite exactly when every entry is: one read-only reduction settles it. float64
+    entries could overflow their own sum, so they are checked entry by entry.
+    """
+    parts = [dW] if db is None else [dW, db]
+    if dW.dtype == torch.float64:
+        flags = [torch.isfinite(p).all() for p in parts]
+        return flags[0] if len(flags) == 1 else flags[0] & flags[1]
+    total = parts[0].sum(dtype=torch.float64)
+    if len(parts) == 2:
+        total = total + parts[1].sum(dtype=torch.float64)
+    return torch.isfinite(total)
 
 
 def is_finite(dW: Tensor, db: Tensor | None) -> bool:

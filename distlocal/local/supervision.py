@@ -25,6 +25,12 @@ only after a window whose loss *fell*, by a small factor, and never above the lo
 loop cannot close; a real rise still cuts ``m`` multiplicatively (AIMD-like: cut fast, recover slowly).
 The floor keeps the rule alive; a rule that is dead anyway is frozen by auto-freeze instead
 (``distlocal/local/autofreeze.py``), which stops paying for it.
+
+On an accelerator the loss fed in is one sync late: the sync's rank-averaged loss is copied into
+pinned memory without waiting and read at the next sync (``distlocal.hostsync.LaggedRead``), so a
+cut or recovery acts one sync period later than on CPU, and a skipped update backs off one sync
+later. The unread value is in the learner's checkpoint, so a resume feeds the same losses at the
+same syncs. On CPU the read is free and there is no lag.
 """
 
 from __future__ import annotations

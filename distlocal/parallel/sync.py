@@ -6,23 +6,18 @@ import contextlib
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from distlocal.errors import ConfigError
-from distlocal.local.learner import LocalLearner
+from distlocal.local.learner import LocalLearner, SyncResult
 from distlocal.parallel.env import DistEnv
 
 SYNC_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class SyncResult(NamedTuple):
-    """What a step learns from :meth:`DeltaSync.step`."""
-
-    mean_loss: float | None  # the rank-averaged loss of the synced period; None: no sync or no loss
-    skipped: bool  # the sync's update was non-finite and not applied (weak supervision backs off)
+__all__ = ["SYNC_DTYPES", "DeltaSync", "SyncResult", "average_buffers"]
 
 
 class DeltaSync:
@@ -44,6 +39,12 @@ class DeltaSync:
     statistics and the loss slots stay float32, in a second, small all-reduce). Every rank then
     applies the same bf16-rounded average, so the replicas stay identical to each other; they
     differ from an fp32 run by the rounding (docs/profiling.md gives the measured drift).
+
+    What a sync reports to the host (:class:`SyncResult`: the rank-averaged loss weak supervision
+    feeds on, and whether the update was skipped) is read without waiting for the device: on CPU at
+    once, on an accelerator one sync late (the previous sync's report, copied into pinned memory
+    while this period ran; :class:`distlocal.hostsync.LaggedRead`). Weak supervision and the
+    divergence stop therefore act one sync later there; the unread report is in the checkpoint.
 
     A step calls :meth:`launch` after the prefix forward and :meth:`step` after the backward;
     ``timer(name)`` (the profiler's ``phase``) times the all-reduce and the apply as ``"sync"``.
@@ -88,7 +89,7 @@ class DeltaSync:
             with self.timer("sync"):
                 self.start()
 
-    def step(self, loss: float) -> SyncResult:
+    def step(self, loss: float | torch.Tensor) -> SyncResult:
         """After the backward: record the step's ``loss`` in the buffer and, if :meth:`launch` said
         so, finish the sync (start it first when not async) and apply the averaged update."""
         # The loss rides in the buffer's loss slots; an async all-reduce holds the buffer until
@@ -97,12 +98,11 @@ class DeltaSync:
             self.learner.add_loss(loss)
         result = SyncResult(None, False)
         if self._due_now:
-            skipped_before = self.learner.skipped_updates
             with self.timer("sync"):
                 if not self.sync_async:
                     self.start()
-                mean_loss = self.finish()  # identical on every rank
-            result = SyncResult(mean_loss, self.learner.skipped_updates > skipped_before)
+                report = self.finish()  # identical on every rank
+            result = report if report is not None else result
             self._due_now = False
         if self.sync_async:
             self.learner.add_loss(loss)  # the buffer is free again
@@ -129,8 +129,9 @@ class DeltaSync:
         self.calls += 1
         self.seconds += time.perf_counter() - t0
 
-    def finish(self) -> float | None:
-        """Wait for the all-reduce, average and apply; returns the rank-averaged loss it carried."""
+    def finish(self) -> SyncResult | None:
+        """Wait for the all-reduce, average and apply; returns the report the host can read now
+        (:meth:`LocalLearner.apply`)."""
         if not self.learner.has_local:
             return None
         if self.env.distributed:

@@ -64,6 +64,9 @@ def uninterrupted(tmp_path_factory):
     return get
 
 
+# A kill test runs up to three jobs (its reference, the killed attempt, the restart), each bounded
+# by conftest's 300 s; the first DeepSpeed start on a machine also JIT-builds a comm op (~60 s).
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", [n if n in ("ddp", "sync_async") else pytest.param(n, marks=_NO_DEEPSPEED)
                                   for n in KILLS])
 def test_sigkill_mid_step_restarts_and_loses_nothing(tmp_path, uninterrupted, name):
@@ -95,6 +98,7 @@ def test_nan_and_inf_in_one_rank_delta_are_skipped_everywhere(tmp_path, uninterr
 
 
 @_NO_DEEPSPEED
+@pytest.mark.timeout(600)
 def test_enospc_in_a_deepspeed_checkpoint_write_is_one_line_exit_3_on_every_rank(tmp_path):
     """ZeRO 2 on 2 ranks through ``launch/train.py``: the third checkpoint write (global step 4,
     mid-epoch 1; its optimizer state gathered from both ranks' partitions) fills the disk half-way.

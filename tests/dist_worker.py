@@ -1,25 +1,35 @@
 """Run ``train()`` alone or under torchrun for the distributed and resume tests.
 
     python tests/dist_worker.py OUT_DIR override [override ...]
+    python tests/dist_worker.py --launch override [override ...]
 
 Writes ``OUT_DIR/run`` (the run directory) and, from rank 0, ``OUT_DIR/replicas.json``: per
-epoch, the largest absolute difference between the ranks' parameters and buffers.
+epoch, the largest absolute difference between the ranks' parameters and buffers. ``--launch``
+runs the entry point ``launch/train.py`` instead (its one-line errors and exit codes), with the
+same fault injection.
 
 Fault injection (environment):
 - ``EXIT_AFTER_EPOCH=N``: every rank exits (code 0, no clean-up) after epoch N's checkpoint.
 - ``KILL_IN_SYNC=N``: on the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT=0``)
-  rank 1 sends itself SIGKILL in its N-th delta sync, while rank 0 waits in that all-reduce.
+  rank 1 sends itself SIGKILL in its N-th delta sync, while rank 0 waits in that all-reduce
+  (with ``local.sync_async=true``: right after rank 1 launched it, so it dies with it in flight).
 - ``BAD_DELTA=N:nan,M:inf``: rank 1 writes NaN (Inf) into its delta buffer just before its N-th
   (M-th) delta sync; each rank writes ``OUT_DIR/bad_delta_rank<r>.json``: per injection, whether
   its local weights came out of that sync unchanged and the skip counter before and after.
+- ``ENOSPC_IN_SAVE=N``: the N-th checkpoint write (rank 0 writes them) stops half-way with
+  ``OSError(ENOSPC)``, as on a full disk: the first half of the real file's bytes, then the error.
 
-Both wrap ``DeltaSync.start``/``finish`` here, in the worker: the library is not touched.
+They wrap ``DeltaSync.start``/``finish`` and ``torch.save`` here, in the worker: the library is not
+touched.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
+import runpy
 import signal
 import sys
 from pathlib import Path
@@ -55,13 +65,16 @@ def _inject_faults(out: Path) -> None:
     def faulty_start(self: DeltaSync) -> None:
         calls[0] += 1
         n = str(calls[0])
-        if kill == n and _rank() == 1:
+        killed_here = kill == n and _rank() == 1
+        if killed_here and not self.sync_async:
             os.kill(os.getpid(), signal.SIGKILL)  # rank 0 is (or soon will be) inside the all-reduce
         if n in bad:
             seen[n] = {"before": local_weights(self), "skipped_before": self.learner.skipped_updates}
             if _rank() == 1:
                 self.learner.buffer[0] = float(bad[n])  # "nan" or "inf"
         start(self)
+        if killed_here:  # async: launched, not awaited; rank 0 will wait for it in finish()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def checked_finish(self: DeltaSync) -> float | None:
         loss = finish(self)
@@ -75,7 +88,32 @@ def _inject_faults(out: Path) -> None:
     DeltaSync.start, DeltaSync.finish = faulty_start, checked_finish
 
 
+def _fail_save(nth: int) -> None:
+    """The ``nth`` torch.save (checkpoint writes: nothing else saves in a run) writes half its
+    bytes, then raises ENOSPC, like a disk filling up part-way through the file."""
+    real_save = torch.save
+    calls = [0]
+
+    def save(obj, f, *args, **kwargs) -> None:  # noqa: ANN001
+        calls[0] += 1
+        if calls[0] != nth:
+            return real_save(obj, f, *args, **kwargs)
+        whole = io.BytesIO()
+        real_save(obj, whole, *args, **kwargs)
+        f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    torch.save = save
+
+
 def main() -> None:
+    if os.environ.get("ENOSPC_IN_SAVE"):
+        _fail_save(int(os.environ["ENOSPC_IN_SAVE"]))
+    if sys.argv[1] == "--launch":  # the entry point, as a user runs it
+        _inject_faults(Path.cwd())
+        sys.argv = ["launch/train.py", *sys.argv[2:]]
+        runpy.run_path("launch/train.py", run_name="__main__")
+        return
     out = Path(sys.argv[1])
     cfg = compose(sys.argv[2:])
     diffs: list[float] = []

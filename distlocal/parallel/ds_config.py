@@ -91,6 +91,11 @@ def ds_config(cfg: DeepSpeedEngineConfig, trainer_cfg: TrainerConfig, world_size
         "gradient_clipping": cfg.gradient_clipping,
         "bf16": {"enabled": lp_dtype is torch.bfloat16},
         "fp16": {"enabled": lp_dtype is torch.float16},
+        # Since 0.19 DeepSpeed casts only the parameters unless told to cast the buffers too; a
+        # suffix BatchNorm with bf16 weights and fp32 running statistics then fails its first
+        # forward ("expected scalar type BFloat16 but found Float").
+        **({"data_types": {"buffer_dtype": str(lp_dtype).removeprefix("torch.")}}
+           if lp_dtype is not None else {}),
         "wall_clock_breakdown": cfg.wall_clock_breakdown,
         # A torch SGD/AdamW under ZeRO is "untested" for DeepSpeed; it steps flat fp32
         # partitions elementwise, which is exactly the same maths.

@@ -40,7 +40,7 @@ from distlocal.config import to_yaml
 from distlocal.data import build_datasets, build_eval_loader, build_loaders
 from distlocal.errors import ConfigError
 from distlocal.local.autofreeze import AutoFreeze
-from distlocal.local.learner import LocalLearner
+from distlocal.local.learner import LocalLearner, unruled_note
 from distlocal.local.rules import SAFE_LOCAL_LR, make_rule
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
@@ -285,7 +285,8 @@ class Trainer:
         if env.is_main:
             print(f"distlocal: run dir {self.run_dir.resolve()} | model {cfg.model} "
                   f"({self.model.num_stages} stages) | mode {cfg.mode} | data {cfg.data.name} | "
-                  f"world {env.world_size} | device {env.device}")
+                  f"world {env.world_size} | device {env.device}"
+                  f"{unruled_note(self.model) if cfg.mode == 'local' else ''}")
 
     # ---------------------------------------------------------------- the boundary
     def move_boundary(self, target: int, timed: bool = True) -> None:

@@ -92,45 +92,48 @@ def resize_pos_embedding(pos: torch.Tensor, old: tuple[int, int], new: tuple[int
 def _check_same(
     staged: StagedModel, vit: VisionTransformer, label: str, in_shape: tuple[int, int, int]
 ) -> None:
-    """The staged model must compute torchvision's function (eval mode, a private generator)."""
+    """The staged model must compute torchvision's function (eval mode, a private generator).
+
+    Compared at the heads' input as well as at the output: torchvision zero-initialises the head,
+    so at random init the outputs alone are all zeros whatever the blocks compute.
+    """
     # One sample: every token attends within its own sample, so a batch adds nothing to the check
     # but time (ViT-B at 224 is ~35 GFLOP a sample, run twice).
     x = torch.randn((1, *in_shape), generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []  # the heads' input: torchvision's run, then the staged one
+    hook = vit.heads.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
     was_training = vit.training
     vit.eval()
     staged.eval()
-    with torch.no_grad():
-        ref = vit(x)
-        for block in vit.encoder.layers:  # the swap happens here, after the reference forward
-            block.self_attention = MHAAsLinears.from_mha(block.self_attention)
-        out = staged(x)
-    staged.train(was_training)
-    if out.shape != ref.shape or not torch.allclose(out, ref, atol=1e-4, rtol=1e-4):
-        err = float((out - ref).abs().max()) if out.shape == ref.shape else float("nan")
-        raise ConfigError(
-            f"model '{label}': the staged forward differs from torchvision's (max |diff| {err:.2e})"
-        )
+    try:
+        with torch.no_grad():
+            ref = vit(x)
+            for block in vit.encoder.layers:  # the swap happens here, after the reference forward
+                block.self_attention = MHAAsLinears.from_mha(block.self_attention)
+            out = staged(x)
+    finally:
+        hook.remove()
+        staged.train(was_training)
+    for a, b in ((out, ref), (seen[1], seen[0])):
+        if a.shape != b.shape or not torch.allclose(a, b, atol=1e-4, rtol=1e-4):
+            err = float((a - b).abs().max()) if a.shape == b.shape else float("nan")
+            raise ConfigError(
+                f"model '{label}': the staged forward differs from torchvision's (max |diff| {err:.2e})"
+            )
 
 
-def build_tv_vit(name: str, in_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
-    """``tv:vit_*`` for inputs ``(C, H, W)``: any H, W the patch size divides (one error line otherwise).
-
-    torchvision's ViT takes square inputs of its ``image_size``; it is built at ``image_size=H``, and
-    for ``W != H`` the position embedding is then interpolated to the ``H/p x W/p`` grid (after the
-    check, which needs torchvision's own forward). ``C != 3`` swaps ``conv_proj`` for a C-channel one.
-    """
+def stage_tv_vit(vit: VisionTransformer, label: str, in_shape: tuple[int, int, int]) -> StagedModel:
+    """Cut a torchvision ``VisionTransformer`` built at ``image_size=H`` into stages for ``(C, H, W)``
+    inputs, checked against its own forward; ``W != H`` then interpolates the position embedding to
+    the ``H/p x W/p`` grid (the check needs torchvision's forward, which takes squares only)."""
     from distlocal.models.torchvision_adapter import _first_conv_for  # late: that module imports this one
 
-    label = f"tv:{name}"
-    patch = int(name.rsplit("_", 1)[1])  # vit_b_16 -> 16, checked against the model below
-    grid = patch_grid(label, (in_shape[1], in_shape[2]), patch)
-    vit = torchvision.models.get_model(name, weights=None, num_classes=num_classes, image_size=in_shape[1])
-    if not isinstance(vit, VisionTransformer) or vit.patch_size != patch:
-        raise ConfigError(f"model '{label}' is not a torchvision VisionTransformer of patch {patch}")
+    grid = patch_grid(label, (in_shape[1], in_shape[2]), vit.patch_size)
+    if vit.image_size != in_shape[1]:
+        raise ValueError(f"build {label} at image_size={in_shape[1]}, got {vit.image_size}")
     _first_conv_for(vit, in_shape[0])
-    blocks = list(vit.encoder.layers)
     names = ["stem", *(n for n, _ in vit.encoder.layers.named_children()), "classifier"]
-    staged = StagedModel([ViTStem(vit), *blocks, ViTHead(vit)], names)
+    staged = StagedModel([ViTStem(vit), *vit.encoder.layers, ViTHead(vit)], names)
     _check_same(staged, vit, label, (in_shape[0], in_shape[1], in_shape[1]))
     if grid[1] != grid[0]:
         stem = staged.stages[0]
@@ -138,3 +141,18 @@ def build_tv_vit(name: str, in_shape: tuple[int, int, int], num_classes: int) ->
             pos = resize_pos_embedding(stem.pos_embedding, (grid[0], grid[0]), grid)
             stem.pos_embedding = nn.Parameter(pos)
     return staged
+
+
+def build_tv_vit(name: str, in_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
+    """``tv:vit_*`` for inputs ``(C, H, W)``: any H, W the patch size divides (one error line otherwise).
+
+    torchvision's ViT takes square inputs of its ``image_size``: it is built at ``image_size=H``
+    (:func:`stage_tv_vit` handles ``W != H``). ``C != 3`` swaps ``conv_proj`` for a C-channel one.
+    """
+    label = f"tv:{name}"
+    # vit_b_16 -> 16: the tiling is checked before torchvision asserts on it (checked again after).
+    patch_grid(label, (in_shape[1], in_shape[2]), int(name.rsplit("_", 1)[1]))
+    vit = torchvision.models.get_model(name, weights=None, num_classes=num_classes, image_size=in_shape[1])
+    if not isinstance(vit, VisionTransformer):
+        raise ConfigError(f"model '{label}' is not a torchvision VisionTransformer")
+    return stage_tv_vit(vit, label, in_shape)

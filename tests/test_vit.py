@@ -1,7 +1,7 @@
 """Vision transformers: vit_tiny/vit_mini, the tv:vit_* adapter, local rules on token-wise Linears.
 
 Durations (2 loaded cores): the in-process tests ~25 s together, most of it tv:vit_b_16 at 224x224
-(built once); the two ``dist`` tests ~60 s (4 short vit_mini runs of 3 epochs x 3 steps).
+(built once); the two ``dist`` tests ~60 s (6 short vit_mini runs of 3 epochs x 3 steps on 16x16 inputs).
 """
 
 from __future__ import annotations
@@ -185,9 +185,12 @@ def test_tv_vit_b_16_at_224_builds_and_takes_a_local_step() -> None:
 
 
 # ---------------------------------------------------------------- trainer runs (subprocesses)
-RUN = ["data=digits", "model=vit_mini", "mode=local", "trainer.epochs=3", "trainer.batch_size=16",
+# Synthetic 3x16x16 (16 tokens): the smallest input that still makes attention mix several tokens.
+RUN = ["data=synthetic", "data.shape=[3,16,16]", "data.train_size=256", "data.test_size=64",
+       "model=vit_mini", "mode=local", "trainer.epochs=3", "trainer.batch_size=16",
        "trainer.max_steps_per_epoch=3", "trainer.deterministic=true", "schedule.warmup_epochs=1",
        "schedule.step=2", "wandb.mode=disabled", "trainer.progress=false", "local.lr=1e-2"]
+TIMEOUT = 300  # per run, a hang guard: each takes ~10-20 s on 2 idle cores
 
 
 def _weights(out):
@@ -201,29 +204,34 @@ def _relative_gap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> flo
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(3 * TIMEOUT)
 def test_local_vit_two_ranks_equal_one_process_ddp_and_deepspeed(tmp_path) -> None:
     """LayerNorm has no batch statistics and attention mixes tokens of one sample only, so, as for
     convnet_nobn, 2 ranks (half the batch each) compute the same step as 1 process: the deltas
     are means over samples x tokens and the gradients are all-reduced means. Only float32
     summation order differs, hence the same bound as test_distributed's (1e-5 of the model's norm)."""
     one, ddp, ds = tmp_path / "one", tmp_path / "ddp", tmp_path / "ds"
-    check_ok(run([sys.executable, str(WORKER), str(one), *RUN], timeout=300))
-    check_ok(torchrun([str(WORKER), str(ddp), *RUN], timeout=300))
-    check_ok(torchrun([str(WORKER), str(ds), *RUN, "engine=deepspeed", "engine.zero_stage=1"], timeout=420,
-                      DS_ACCELERATOR="cpu"))
+    check_ok(run([sys.executable, str(WORKER), str(one), *RUN], timeout=TIMEOUT))
+    check_ok(torchrun([str(WORKER), str(ddp), *RUN], timeout=TIMEOUT))
+    check_ok(torchrun([str(WORKER), str(ds), *RUN, "engine=deepspeed", "engine.zero_stage=1"],
+                      timeout=TIMEOUT, DS_ACCELERATOR="cpu"))
     rows = [json.loads(line) for line in (ddp / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["boundary"] for r in rows] == [0, 2, 4]
-    assert any(k.startswith("footprint") for k in rows[-1])  # the footprint by category is logged
+    # The footprint by category is logged, and nothing of a local block is saved for backward.
+    assert {"footprint_activation_bytes", "footprint_local_bytes", "footprint_grad_bytes"} <= set(rows[-1])
+    assert rows[-1]["activation_bytes_stage"][:4] == [0, 0, 0, 0]
+    assert all(s > 0 for s in rows[-1]["activation_bytes_stage"][4:])
     w1 = _weights(one)
     assert _relative_gap(w1, _weights(ddp)) < 1e-5
     assert _relative_gap(w1, _weights(ds)) < 1e-5
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(3 * TIMEOUT)
 def test_local_vit_resume_is_exact(tmp_path) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
     args = [*RUN, "resume=auto"]
-    check_ok(run([sys.executable, str(WORKER), str(full), *args], timeout=300))
-    check_ok(run([sys.executable, str(WORKER), str(cut), *args], timeout=300, EXIT_AFTER_EPOCH="1"))
-    check_ok(run([sys.executable, str(WORKER), str(cut), *args], timeout=300))
+    check_ok(run([sys.executable, str(WORKER), str(full), *args], timeout=TIMEOUT))
+    check_ok(run([sys.executable, str(WORKER), str(cut), *args], timeout=TIMEOUT, EXIT_AFTER_EPOCH="1"))
+    check_ok(run([sys.executable, str(WORKER), str(cut), *args], timeout=TIMEOUT))
     _assert_same_run(full, cut)

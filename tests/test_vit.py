@@ -1,7 +1,8 @@
 """Vision transformers: vit_tiny/vit_mini, the tv:vit_* adapter, local rules on token-wise Linears.
 
-Durations (2 loaded cores): the in-process tests ~25 s together, most of it tv:vit_b_16 at 224x224
-(built once); the two ``dist`` tests ~60 s (6 short vit_mini runs of 3 epochs x 3 steps on 16x16 inputs).
+Durations, measured only on 2 cores at load average 10-20 (several times an idle run): the
+in-process tests 129 s, 90 s of it tv:vit_b_16 at 224x224 (build, check, one local step); the two
+``dist`` tests are 6 short vit_mini runs of 3 epochs x 3 steps on 16x16 inputs.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from distlocal.build import Data, autocast, build_data, build_step_parts, lr_lam
 from distlocal.config import to_yaml
 from distlocal.data import Checked, count_skipped
 from distlocal.errors import ConfigError
-from distlocal.local.learner import LocalLearner
+from distlocal.local.learner import LocalLearner, unruled_note
 from distlocal.local.rules import SAFE_LOCAL_LR
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
@@ -158,7 +158,8 @@ class Trainer:
         if env.is_main:
             print(f"distlocal: run dir {self.run_dir.resolve()} | model {cfg.model} "
                   f"({self.model.num_stages} stages) | mode {cfg.mode} | data {cfg.data.name} | "
-                  f"world {env.world_size} | device {env.device}")
+                  f"world {env.world_size} | device {env.device}"
+                  f"{unruled_note(self.model) if cfg.mode == 'local' else ''}")
 
     # ---------------------------------------------------------------- the boundary
     def move_boundary(self, target: int, timed: bool = True) -> None:

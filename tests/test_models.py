@@ -140,7 +140,7 @@ def test_stage_counts() -> None:
     counts = {name: _built(name).num_stages for name in model_names()}
     assert counts == {
         "convnet": 7, "convnet_nobn": 7, "mobilenetv2": 20, "resnet18": 10,
-        "resnet34": 18, "resnet50": 18, "vgg11": 9, "vgg16_bn": 14,
+        "resnet34": 18, "resnet50": 18, "vgg11": 9, "vgg16_bn": 14, "vit_mini": 8, "vit_tiny": 11,
     }  # fmt: skip
 
 

@@ -35,7 +35,7 @@ def _cfg(group: str) -> DictConfig:
 KNOBS: list[tuple[str, str, Any, str]] = [
     ("ddp", "model", "resnet9",
      "unknown model 'resnet9'; valid: convnet, convnet_nobn, mobilenetv2, resnet18, resnet34, resnet50, "
-     "vgg11, vgg16_bn, tv:<torchvision name>"),
+     "vgg11, vgg16_bn, vit_mini, vit_tiny, tv:<torchvision name>"),
     ("ddp", "mode", "hebbian", "unknown mode 'hebbian'; valid: sgd, local, freeze"),
     ("ddp", "resume", 3, "resume=3 must be a string or null"),
     ("ddp", "trainer.epochs", 0, "trainer.epochs=0 must be an integer >= 1"),

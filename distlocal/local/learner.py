@@ -42,6 +42,41 @@ from distlocal.local.scope import local_scope
 from distlocal.models.staged import StagedModel
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Norm layers' affine parameters are frozen in a local stage by design (docs/local-rules.md):
+# unruled_parameters does not report them.
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def unruled_parameters(model: StagedModel, stop: int) -> list[str]:
+    """Names of the parameters of stages ``[0, stop)`` that no local rule updates, norms' affine aside.
+
+    A local stage's parameters all stop taking gradients, but the rule only reaches the weight and
+    bias of a ``Conv2d`` or ``Linear`` that is *called*: a parameter held by any other module (ViT's
+    class token and position embedding, ``nn.MultiheadAttention``'s ``in_proj_weight``) and the
+    Linears inside an MHA (its forward reads ``out_proj.weight`` without calling ``out_proj``) stay
+    frozen. The trainer names them in the run's first line, so none is frozen silently.
+    """
+    names = []
+    for i, stage in enumerate(model.stages[:stop]):
+        mhas = [m for m in stage.modules() if isinstance(m, nn.MultiheadAttention)]
+        in_mha = {id(m) for mha in mhas for m in mha.modules()}
+        for mod_name, mod in stage.named_modules():
+            ruled = isinstance(mod, (nn.Conv2d, nn.Linear)) and id(mod) not in in_mha
+            if ruled or isinstance(mod, _NORMS):
+                continue
+            prefix = f"stages.{i}.{mod_name}." if mod_name else f"stages.{i}."
+            names += [prefix + p for p, _ in mod.named_parameters(recurse=False)]
+    return names
+
+
+def unruled_note(model: StagedModel) -> str:
+    """``" | frozen when local, no rule reaches them: <names>"`` for the run's first line (``mode=local``),
+    or ``""`` when a rule reaches every non-norm parameter of every stage that can turn local."""
+    names = unruled_parameters(model, model.num_stages - 1)
+    if not names:
+        return ""
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return f" | frozen when local, no rule reaches them: {shown}"
 
 
 class SyncResult(NamedTuple):

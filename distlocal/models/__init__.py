@@ -10,6 +10,7 @@ from distlocal.models.mobilenet import mobilenetv2
 from distlocal.models.resnet import resnet18, resnet34, resnet50
 from distlocal.models.staged import StagedModel
 from distlocal.models.vgg import vgg11, vgg16_bn
+from distlocal.models.vit import vit_mini, vit_tiny
 
 __all__ = ["StagedModel", "build_model", "model_names"]
 
@@ -24,6 +25,8 @@ _REGISTRY: dict[str, Callable[[tuple[int, int, int], int], StagedModel]] = {
     "resnet50": resnet50,
     "vgg11": vgg11,
     "vgg16_bn": vgg16_bn,
+    "vit_mini": vit_mini,
+    "vit_tiny": vit_tiny,
 }
 
 

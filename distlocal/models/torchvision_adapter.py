@@ -176,7 +176,10 @@ def stage_torchvision_model(model: nn.Module, label: str, in_shape: tuple[int, i
 
 
 def build_torchvision_model(name: str, in_shape: tuple[int, int, int], num_classes: int) -> StagedModel:
-    """``tv:<name>``: a randomly initialised torchvision classifier (never downloads weights), staged."""
+    """``tv:<name>``: a randomly initialised torchvision classifier (never downloads weights), staged.
+
+    ``tv:vit_*`` goes through its own adapter (distlocal/models/tv_vit.py).
+    """
     label = f"tv:{name}"
     valid = torchvision.models.list_models(module=torchvision.models)
     if name not in valid:
@@ -184,6 +187,10 @@ def build_torchvision_model(name: str, in_shape: tuple[int, int, int], num_class
             f"model '{label}': '{name}' is not a torchvision classification model; see "
             "torchvision.models.list_models(module=torchvision.models) for valid names"
         )
+    if name.startswith("vit_"):  # not a chain of children: an adapter that knows ViT's structure
+        from distlocal.models.tv_vit import build_tv_vit
+
+        return build_tv_vit(name, in_shape, num_classes)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     _first_conv_for(model, in_shape[0])
     return stage_torchvision_model(model, label, in_shape)

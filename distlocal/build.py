@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 from distlocal.data import build_datasets, build_eval_loader, build_loaders
 from distlocal.local.autofreeze import AutoFreeze
 from distlocal.local.learner import LocalLearner
-from distlocal.local.rules import make_rule
+from distlocal.local.rules import SAFE_LOCAL_LR, make_rule
 from distlocal.models import StagedModel
 from distlocal.parallel.build import build_engine
 from distlocal.parallel.env import DistEnv
@@ -107,3 +108,18 @@ def build_data(cfg: DictConfig, env: DistEnv) -> Data:
     steps = len(train_loader) if tc.max_steps_per_epoch is None else min(
         len(train_loader), tc.max_steps_per_epoch)
     return Data(train_loader, test_loader, val_loader, sampler, steps, bundle.in_shape, bundle.num_classes)
+
+
+def warn_and_alias(cfg: DictConfig) -> None:
+    """Warnings that do not stop a run. ``mode=freeze`` is the one spelling of the freezing
+    baseline; ``mode=local local.rule=freeze`` is kept as an alias that warns and runs as
+    ``mode=freeze`` (so tags, summary and config.yaml say ``freeze``). A ``local.lr`` above the
+    measured safe range of its rule warns too."""
+    if cfg.mode == "local" and cfg.local.rule == "freeze":
+        warnings.warn("distlocal: local.rule=freeze is the layer-freezing baseline, spelled mode=freeze; "
+                      "running as mode=freeze", stacklevel=3)
+        cfg.mode = "freeze"
+    limit = SAFE_LOCAL_LR.get(cfg.local.rule)
+    if cfg.mode == "local" and limit is not None and cfg.local.lr > limit:
+        warnings.warn(f"distlocal: local.lr={cfg.local.lr} is above the measured safe range for "
+                      f"'{cfg.local.rule}' (<= {limit}); see docs/local-rules.md", stacklevel=2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, fields
@@ -35,12 +34,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from distlocal import checkpoint, tta, validation
-from distlocal.build import Data, autocast, build_data, build_step_parts, lr_lambda, seed_everything
+from distlocal.build import (
+    Data,
+    autocast,
+    build_data,
+    build_step_parts,
+    lr_lambda,
+    seed_everything,
+    warn_and_alias,
+)
 from distlocal.config import to_yaml
 from distlocal.data import Checked, count_skipped
 from distlocal.errors import ConfigError
 from distlocal.local.learner import LocalLearner, unruled_note
-from distlocal.local.rules import SAFE_LOCAL_LR
 from distlocal.local.schedule import DynamicSelector, build_schedule, relative_update, stage_weights
 from distlocal.local.supervision import WeakSupervision
 from distlocal.loop import LoopState, gather_sums, own_sums, rng_state, set_rng_state
@@ -59,21 +65,6 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
     """Every knob's range, type and choice, and the rules between knobs (``distlocal.validation``);
     one clear line per failure. The entry point runs the same pass before Hydra writes anything."""
     validation.validate(cfg, world_size)
-
-
-def _warn_and_alias(cfg: DictConfig) -> None:
-    """Warnings that do not stop a run. ``mode=freeze`` is the one spelling of the freezing
-    baseline; ``mode=local local.rule=freeze`` is kept as an alias that warns and runs as
-    ``mode=freeze`` (so tags, summary and config.yaml say ``freeze``). A ``local.lr`` above the
-    measured safe range of its rule warns too."""
-    if cfg.mode == "local" and cfg.local.rule == "freeze":
-        warnings.warn("distlocal: local.rule=freeze is the layer-freezing baseline, spelled mode=freeze; "
-                      "running as mode=freeze", stacklevel=3)
-        cfg.mode = "freeze"
-    limit = SAFE_LOCAL_LR.get(cfg.local.rule)
-    if cfg.mode == "local" and limit is not None and cfg.local.lr > limit:
-        warnings.warn(f"distlocal: local.lr={cfg.local.lr} is above the measured safe range for "
-                      f"'{cfg.local.rule}' (<= {limit}); see docs/local-rules.md", stacklevel=2)
 
 
 EpochHook = Callable[[int, StagedModel, LocalLearner, Engine], None]
@@ -114,7 +105,7 @@ class Trainer:
         run directory (rank 0 writes it)."""
         # Before anything is built: without an env, init_distributed reads the same WORLD_SIZE.
         validate(cfg, None if env is None else env.world_size)
-        _warn_and_alias(cfg)
+        warn_and_alias(cfg)
         env = env or init_distributed(cfg.trainer.device, cfg.engine.backend, cfg.engine.timeout_s)
         tc, lc = cfg.trainer, cfg.local
         seed_everything(tc.seed, tc.deterministic)

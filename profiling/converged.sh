@@ -10,6 +10,8 @@
 #                                             # (is EPOCHS the plateau?), in that priority order
 #   PHASE=switch bash profiling/converged.sh  # early (after 1 epoch) vs late (after half) switch
 #   PHASE=tuned bash profiling/converged.sh   # local with TUNED overrides x SEEDS
+#   PHASE=bytes bash profiling/converged.sh   # sgd, freeze, local as short 2-rank runs: bytes per step
+#   python profiling/converged_table.py "$RUNS" --clock cpu --out docs/results/converged   # the table
 #
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
@@ -45,7 +47,9 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
       echo "$RUNS/tune/freeze mode=freeze $t"
       for rule in softhebb oja; do for lr in 1e-3 3e-3 1e-2; do
         echo "$RUNS/tune/${rule}_$lr mode=local local.rule=$rule local.lr=$lr $t"
-      done; done ;;
+      done; done
+      # The grid's trend (a lower rate is better, none beats freeze) continued downwards.
+      echo "$RUNS/tune/softhebb_3e-4 mode=local local.rule=softhebb local.lr=3e-4 $t" ;;
     main)
       for seed in $SEEDS; do
         for mode in sgd freeze local; do
@@ -66,7 +70,11 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
         echo "$RUNS/switch/${mode}_early/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=1 schedule.step=3 trainer.seed=0"
         echo "$RUNS/switch/${mode}_late/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=$half schedule.step=3 trainer.seed=0"
       done ;;
-    *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main switch tuned" >&2; exit 2 ;;
+    bytes)  # the main recipe's schedule on 10 steps per epoch: the last epoch's bytes per step
+      for mode in sgd freeze local; do
+        echo "$RUNS/bytes/$mode mode=$mode trainer.epochs=$EPOCHS trainer.max_steps_per_epoch=10 trainer.seed=0"
+      done ;;
+    *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main switch tuned bytes" >&2; exit 2 ;;
   esac
 }
 
@@ -76,7 +84,9 @@ run_one() {  # <run dir> <overrides...>
   rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
   echo "converged.sh: [$(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)] start $dir"
   # shellcheck disable=SC2086  # word splitting of the overrides is intended
-  if ! "$PY" launch/train.py $BASE "$@" $EXTRA "hydra.run.dir=$dir" > "$dir.log" 2>&1; then
+  local launch=("$PY" launch/train.py)  # one process; the bytes phase: 2 gloo ranks
+  if [[ "$dir" == */bytes/* ]]; then launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node=2 launch/train.py); fi
+  if ! "${launch[@]}" $BASE "$@" $EXTRA "hydra.run.dir=$dir" > "$dir.log" 2>&1; then
     echo "converged.sh: FAILED $dir (log: $dir.log)" >&2; tail -3 "$dir.log" >&2; return 1
   fi
   echo "converged.sh: [$(date -u +%H:%M:%S)] done $dir: $(tail -1 "$dir.log")"

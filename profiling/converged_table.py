@@ -1,0 +1,102 @@
+"""The converged Fashion-MNIST table (docs/results.md, "Time to accuracy"), from the run directories
+``profiling/converged.sh`` writes: ``<runs>/main/<variant>/s<seed>``.
+
+    python profiling/converged_table.py outputs/converged --clock cpu --out docs/results/converged
+
+Per variant, over its seeds (mean ± std): the final test accuracy; the time to the common target
+on ``--clock`` (the highest accuracy that *every* run of the table reaches, or ``--target``; the
+time of the run's first evaluation at or above it, training time only, as
+``profiling/compare.py`` reports it) and its ratio to ``sgd``'s mean; the in-run speedup against
+the all-SGD step measured beside it (summary ``mean_speedup``: every epoch, warm-up included); the
+peak footprint of a step at the last epoch; the gradient + delta bytes per step of the last epoch
+(from ``<runs>/bytes/<variant>``, a short 2-rank run, when present). It prints the markdown table
+and draws accuracy against the clock for every run (``accuracy_vs_<clock>_clock.png`` in ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling compare.py
+from compare import Run, clock_points, common_target, load_dir, plot_accuracy_vs_clock  # noqa: E402
+
+from distlocal.tta import CLOCKS, first_crossing  # noqa: E402
+
+ORDER = ("sgd", "freeze", "local", "local_tuned")
+
+
+def _runs(root: Path) -> dict[str, list[Run]]:
+    """``{variant: [finished runs]}`` under ``root/main`` (a run without summary.json is skipped)."""
+    out: dict[str, list[Run]] = {}
+    for d in sorted((root / "main").glob("*/s*")):
+        if (d / "summary.json").is_file():
+            run = load_dir(d)
+            run.name = f"{d.parent.name}/{d.name}"
+            out.setdefault(d.parent.name, []).append(run)
+    return dict(sorted(out.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
+
+
+def _ms(xs: list[float], fmt: str = "{:.2f}") -> str:
+    """``mean ± std`` (std over seeds; none for one value), or ``–``."""
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return fmt.format(xs[0])
+    return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
+
+
+def _bytes(root: Path, variant: str) -> str:
+    """Gradient + delta bytes per step of the last epoch of ``root/bytes/<variant>`` (2 ranks)."""
+    d = root / "bytes" / variant
+    if not (d / "metrics.jsonl").is_file():
+        return "–"
+    last = [r for r in load_dir(d).rows if r.get("kind") != "eval"][-1]
+    return f"{last.get('grad_allreduce_bytes', 0):,.0f} + {last.get('delta_sync_bytes', 0):,.0f}"
+
+
+def table(root: Path, clock: str, target: float | None) -> tuple[str, float | None, list[Run]]:
+    """The markdown table, the target used and every run."""
+    groups = _runs(root)
+    everyone = [r for runs in groups.values() for r in runs]
+    target = common_target(everyone, clock) if target is None else target
+    times = {v: [] for v in groups}
+    for v, runs in groups.items():
+        for r in runs:
+            hit = None if target is None else first_crossing(clock_points(r, clock), target)
+            if hit is not None:
+                times[v].append(hit["t"])
+    sgd = statistics.mean(times["sgd"]) if times.get("sgd") else None
+    head = (f"| variant | seeds | final test acc % | {clock} s to {target:.2f} % | sgd / this | in-run speedup "
+            "| peak footprint MiB (last epoch) | grad + delta B/step (2 ranks, last epoch) |")
+    lines = [head, "|" + "---|" * 8]
+    for v, runs in groups.items():
+        acc = [r.summary["final_test_acc"] for r in runs]
+        spd = [r.summary["mean_speedup"] for r in runs if r.summary.get("mean_speedup") is not None]
+        fp = [r.summary["footprint_bytes"] / 2**20 for r in runs if r.summary.get("footprint_bytes")]
+        ratio = [sgd / t for t in times[v]] if sgd else []
+        lines.append(f"| {v} | {len(runs)} | {_ms(acc)} | {_ms(times[v], '{:.0f}')} | {_ms(ratio, '{:.3f}')} "
+                     f"| {_ms(spd, '{:.3f}')} | {_ms(fp, '{:.1f}')} | {_bytes(root, v)} |")
+    return "\n".join(lines), target, everyone
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Print the table; draw accuracy against the clock."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", type=Path, help="the RUNS directory of profiling/converged.sh")
+    ap.add_argument("--clock", choices=CLOCKS, default="cpu")
+    ap.add_argument("--target", type=float, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="where to draw accuracy against the clock")
+    args = ap.parse_args(argv)
+    text, target, runs = table(args.runs, args.clock, args.target)
+    print(text)
+    if args.out is not None:
+        print(f"wrote {plot_accuracy_vs_clock(runs, args.clock, target, args.out)}", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main()

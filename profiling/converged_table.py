@@ -71,7 +71,7 @@ def table(root: Path, clock: str, target: float | None) -> tuple[str, float | No
                 times[v].append(hit["t"])
     sgd = statistics.mean(times["sgd"]) if times.get("sgd") else None
     head = (f"| variant | seeds | final test acc % | {clock} s to {target:.2f} % | sgd / this "
-            "| in-run speedup | peak footprint MiB (last epoch) | grad + delta B/step (2 ranks, last epoch) |")
+            "| in-run speedup | peak footprint MiB (last epoch) | grad + delta B/step (2 ranks) |")
     lines = [head, "|" + "---|" * 8]
     for v, runs in groups.items():
         acc = [r.summary["final_test_acc"] for r in runs]

@@ -6,8 +6,8 @@
 # autocast, so bf16 would handicap local), evaluation every half epoch.
 #
 #   PHASE=tune  bash profiling/converged.sh   # local.lr x rule on a 10 % validation split, 1 seed
-#   PHASE=main  bash profiling/converged.sh   # sgd, freeze, local x SEEDS, then sgd at LONG_EPOCHS
-#                                             # (is EPOCHS the plateau?), in that priority order
+#   PHASE=main  bash profiling/converged.sh   # sgd, freeze, local x SEEDS
+#   PHASE=long  bash profiling/converged.sh   # sgd at LONG_EPOCHS: is EPOCHS the plateau?
 #   PHASE=switch bash profiling/converged.sh  # early (after 1 epoch) vs late (after half) switch
 #   PHASE=tuned bash profiling/converged.sh   # local with TUNED overrides x SEEDS
 #   PHASE=bytes bash profiling/converged.sh   # sgd, freeze, local as short 2-rank runs: bytes per step
@@ -55,11 +55,9 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
         for mode in sgd freeze local; do
           echo "$RUNS/main/$mode/s$seed mode=$mode trainer.epochs=$EPOCHS trainer.seed=$seed"
         done
-        # The plateau check goes after the second seed: the table needs the seeds more.
-        if [[ "$seed" == "$(echo $SEEDS | cut -d' ' -f2)" ]]; then
-          echo "$RUNS/long/sgd/s0 mode=sgd trainer.epochs=$LONG_EPOCHS trainer.seed=0"
-        fi
       done ;;
+    long)  # the plateau check: does sgd gain more than 0.3 pt with LONG_EPOCHS?
+      echo "$RUNS/long/sgd/s0 mode=sgd trainer.epochs=$LONG_EPOCHS trainer.seed=0" ;;
     tuned)
       for seed in $SEEDS; do
         echo "$RUNS/main/local_tuned/s$seed mode=local $TUNED trainer.epochs=$EPOCHS trainer.seed=$seed"
@@ -74,7 +72,7 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
       for mode in sgd freeze local; do
         echo "$RUNS/bytes/$mode mode=$mode trainer.epochs=$EPOCHS trainer.max_steps_per_epoch=10 trainer.seed=0"
       done ;;
-    *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main switch tuned bytes" >&2; exit 2 ;;
+    *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main long switch tuned bytes" >&2; exit 2 ;;
   esac
 }
 

@@ -65,7 +65,8 @@ step "training run"
 rm -rf "$OUT/train"
 "$PY" launch/train.py data=synthetic "data.shape=[${SHAPE}]" data.num_classes=10 schedule=static \
   schedule.warmup_epochs=1 schedule.step=5 "trainer.device=$DEVICE" \
-  trainer.progress=false checkpoint.enabled=false profiler.enabled=true "hydra.run.dir=$OUT/train" \
+  trainer.progress=false checkpoint.enabled=false profiler.enabled=true wandb.mode=disabled \
+  "hydra.run.dir=$OUT/train" \
   "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 
 # 3. Does the reported speedup match what the run saves?

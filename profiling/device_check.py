@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import gc
 import json
+import shutil
 import sys
 import tempfile
 import warnings
@@ -148,7 +149,7 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
             peak = cuda_peak(device)
             written = snap.dump(Path(tmp), 0)
             if written is not None:
-                written.replace(args.out / f"memory_{mode}.pickle")
+                shutil.move(written, args.out / f"memory_{mode}.pickle")  # tmp may be another filesystem
             out[mode] = {**fp.as_metrics(), "max_memory_allocated": peak,
                          "snapshot": f"memory_{mode}.pickle" if written is not None else None}
             # The next mode's peak and snapshot must not hold this trainer (reference cycles).

@@ -20,17 +20,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_TH
 mkdir -p "$OUT"
 
 if [ "$DEVICE" = cpu ]; then
-  # convnet: the same code paths as the ResNets, a fraction of their CPU time; no compile (its
-  # first compile takes minutes on CPU; tests/test_compile.py covers it).
+  # The smallest run of every part (about a minute of CPU time; tests/test_device_check.py):
+  # convnet at 16x16, the same code paths as the ResNets at a fraction of their CPU time; no compile
+  # (its first compile takes minutes on CPU; tests/test_compile.py covers it); speedup_check.py at
+  # its minimum (2 epochs: the boundary moves at epoch 1), 8 steps an epoch. Its figures are noise.
   MODELS="convnet"; BATCHES="8"; PRECISIONS="32"; COMPILE="off"; SHAPE=3,16,16; STEPS=1; WARMUP=1
-  TRAIN=(trainer.batch_size=8 data.train_size=64 trainer.max_steps_per_epoch=4 model=convnet)
-  CHECK=(--batch 8 --warmup 2 --steps 4 model=convnet)
-  SPEEDUP=(--epochs 2 --rounds 1 --levers update_every=1)
+  TRAIN=(trainer.batch_size=8 data.train_size=64 data.test_size=16 trainer.epochs=2
+         trainer.max_steps_per_epoch=4 model=convnet)
+  CHECK=(--batch 8 --warmup 2 --steps 4 --set model=convnet "data.shape=[${SHAPE}]")
+  SPEEDUP=(--epochs 2 --rounds 1 --levers update_every=1 --max-steps-per-epoch 8)
 elif [ "$DEVICE" = cuda ]; then
   MODELS="resnet18 resnet50"; BATCHES="64 256"; PRECISIONS="32 bf16"; COMPILE="off on"; SHAPE=3,32,32
   STEPS=10; WARMUP=3
-  TRAIN=(trainer.batch_size=256 data.train_size=25600 trainer.max_steps_per_epoch=100 model=resnet18)
-  CHECK=(--batch 64 --warmup 5 --steps 50 model=resnet18)
+  TRAIN=(trainer.batch_size=256 data.train_size=25600 data.test_size=256 trainer.epochs=3
+         trainer.max_steps_per_epoch=100 model=resnet18)
+  CHECK=(--batch 64 --warmup 5 --steps 50 --set model=resnet18)
   SPEEDUP=(--epochs 3 --rounds 1)
 else
   echo "distlocal: error: DEVICE=$DEVICE; use DEVICE=cuda (default) or DEVICE=cpu" >&2; exit 2
@@ -59,20 +63,17 @@ done
 # 2. A training run with the profiler on: in-run speedup, footprint by category (train/summary.json).
 step "training run"
 rm -rf "$OUT/train"
-"$PY" launch/train.py data=synthetic "data.shape=[${SHAPE}]" data.num_classes=10 data.test_size=256 \
-  trainer.epochs=3 schedule=static schedule.warmup_epochs=1 schedule.step=5 "trainer.device=$DEVICE" \
-  trainer.progress=false checkpoint.enabled=false profiler.enabled=true "hydra.run.dir=$OUT/train" \
+"$PY" launch/train.py data=synthetic "data.shape=[${SHAPE}]" data.num_classes=10 schedule=static \
+  schedule.warmup_epochs=1 schedule.step=5 "trainer.device=$DEVICE" \
+  trainer.progress=false checkpoint.enabled=false profiler.enabled=true wandb.mode=disabled \
+  "hydra.run.dir=$OUT/train" \
   "${TRAIN[@]}" > "$OUT/train.log" 2>&1
 
 # 3. Does the reported speedup match what the run saves?
 step "speedup_check"
 "$PY" profiling/speedup_check.py "${SPEEDUP[@]}" --json "$OUT/speedup_check.json" > /dev/null
 
-# 4. Host syncs in steady state, and one local step's memory next to one SGD step's.
-step "host syncs"
-"$PY" profiling/device_check.py syncs --device "$DEVICE" --out "$OUT" "${CHECK[@]}" > /dev/null
-step "memory snapshots"
-"$PY" profiling/device_check.py memory --device "$DEVICE" --out "$OUT" "${CHECK[@]}" > /dev/null
-
-step "summary"
-"$PY" profiling/device_check.py summary --out "$OUT"
+# 4. Host syncs in steady state, one local step's memory next to one SGD step's, then the summary
+# (one process: the trainer is imported once).
+step "host syncs, memory snapshots, summary"
+"$PY" profiling/device_check.py syncs memory summary --device "$DEVICE" --out "$OUT" "${CHECK[@]}"

@@ -51,11 +51,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    ap.add_argument("--max-steps-per-epoch", type=int, default=None,
+                    help="cap every epoch (trainer.max_steps_per_epoch): a smoke run that only shows the "
+                         "check runs (device_check.sh on CPU); its figures are noise")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     import torch
 
     common = COMMON + [f"trainer.epochs={args.epochs}"]
+    if args.max_steps_per_epoch is not None:
+        common.append(f"trainer.max_steps_per_epoch={args.max_steps_per_epoch}")
     res: dict[str, dict[str, list[float]]] = {k: {"measured": [], "reported": []} for k in args.levers}
     sgd_loops: list[float] = []
     t0 = time.time()

@@ -140,18 +140,22 @@ class MemorySnapshot:
     def start(self) -> None:
         """Start recording (once per measured step); a no-op when disabled."""
         if self.enabled and not self.on:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            # clear_history ("clear history when enabling"): each dump holds its own step's events only.
+            torch.cuda.memory._record_memory_history(max_entries=200_000, clear_history=True)
             self.on = True
 
-    def dump(self, run_dir: Path | None, epoch: int) -> None:
-        """Stop a recording in progress and write it to ``run_dir`` (``None``: drop it)."""
+    def dump(self, run_dir: Path | None, epoch: int) -> Path | None:
+        """Stop a recording in progress and write it to ``run_dir`` (``None``: drop it); the path
+        written, if any."""
         if not self.on:
-            return
+            return None
         self.on = False
         try:
-            if run_dir is not None:
-                path = run_dir / f"memory_snapshot_epoch{epoch}.pickle"
-                torch.cuda.memory._dump_snapshot(str(path))
-                self.log(f"memory snapshot written to {path} (open with https://pytorch.org/memory_viz)")
+            if run_dir is None:
+                return None
+            path = run_dir / f"memory_snapshot_epoch{epoch}.pickle"
+            torch.cuda.memory._dump_snapshot(str(path))
+            self.log(f"memory snapshot written to {path} (open with https://pytorch.org/memory_viz)")
+            return path
         finally:
             torch.cuda.memory._record_memory_history(enabled=None)

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distlocal.profiler import breakdown as membreakdown
+from distlocal.profiler import breakdown
 
 
 def _clean(v: Any) -> Any:
@@ -104,8 +104,8 @@ class MetricsLogger:
                                 data=[[r["epoch"], r.get("boundary", 0)] for r in self._epoch_rows()])
             self.wandb_run.log({"local/boundary_table": table})
             # The footprint by category per epoch, the run's step and its all-SGD reference, in MiB.
-            self.wandb_run.log({"mem/footprint_table": wandb.Table(columns=membreakdown.TABLE_COLUMNS,
-                                                                   data=membreakdown.table_rows(self.rows))})
+            self.wandb_run.log({"mem/footprint_table": wandb.Table(columns=breakdown.TABLE_COLUMNS,
+                                                                   data=breakdown.table_rows(self.rows))})
             evals = [r for r in self.rows if _is_eval(r)]
             if evals:
                 cols = [k for k in evals[0] if k != "kind"]

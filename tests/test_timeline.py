@@ -72,7 +72,7 @@ def test_timeline_run_writes_png_json_and_wandb_table(tmp_path, monkeypatch):
     for which, key in (("run", "footprint_bytes"), ("reference", "footprint_ref_bytes")):
         cats = stacked(data[which])
         assert max(sum(v) for v in zip(*cats.values())) == rows[1][key], which
-    # The wandb table: logged once at the end, the rows membreakdown makes of metrics.jsonl.
+    # The wandb table: logged once at the end, the rows profiler.breakdown makes of metrics.jsonl.
     log, recs = finished_log(run_dir)
     paths = [json.loads(it.value_json) for r in recs if r.WhichOneof("record_type") == "history"
              for it in r.history.item if (it.key or "/".join(it.nested_key)) == "mem/footprint_table/path"]

@@ -52,7 +52,7 @@ def _ms(xs: list[float], fmt: str = "{:.2f}") -> str:
 def _bytes(root: Path, variant: str) -> str:
     """Gradient + delta bytes per step of the last epoch of ``root/bytes/<variant>`` (2 ranks)."""
     d = root / "bytes" / variant
-    if not (d / "metrics.jsonl").is_file():
+    if not (d / "summary.json").is_file():  # not run, or not finished
         return "–"
     last = [r for r in load_dir(d).rows if r.get("kind") != "eval"][-1]
     return f"{last.get('grad_allreduce_bytes', 0):,.0f} + {last.get('delta_sync_bytes', 0):,.0f}"

@@ -7,10 +7,11 @@ Per variant, over its seeds (mean ± std): the final test accuracy; the time to 
 on ``--clock`` (the highest accuracy that *every* run of the table reaches, or ``--target``; the
 time of the run's first evaluation at or above it, training time only, as
 ``profiling/compare.py`` reports it) and its ratio to ``sgd``'s mean; the in-run speedup against
-the all-SGD step measured beside it (summary ``mean_speedup``: every epoch, warm-up included); the
-peak footprint of a step at the last epoch; the gradient + delta bytes per step of the last epoch
-(from ``<runs>/bytes/<variant>``, a short 2-rank run, when present). It prints the markdown table
-and draws accuracy against the clock for every run (``accuracy_vs_<clock>_clock.png`` in ``--out``).
+the all-SGD step measured beside it (summary ``mean_speedup``: every epoch, warm-up included; a
+wall-clock figure, so load moves it); the last epoch's CPU time (``epoch_cpu_s``, the deepest
+boundary) and sgd's over it; the peak footprint of a step at the last epoch; the gradient + delta
+bytes per step of the last epoch (from ``<runs>/bytes/<variant>``, a short 2-rank run, when
+present). It prints the markdown table and draws accuracy against the clock for every run (``accuracy_vs_<clock>_clock.png`` in ``--out``).
 """
 
 from __future__ import annotations
@@ -71,15 +72,22 @@ def table(root: Path, clock: str, target: float | None) -> tuple[str, float | No
                 times[v].append(hit["t"])
     sgd = statistics.mean(times["sgd"]) if times.get("sgd") else None
     head = (f"| variant | seeds | final test acc % | {clock} s to {target:.2f} % | sgd / this "
-            "| in-run speedup | peak footprint MiB (last epoch) | grad + delta B/step (2 ranks) |")
-    lines = [head, "|" + "---|" * 8]
+            "| last-epoch CPU s (sgd / this) | in-run speedup (wall) | peak footprint MiB "
+            "| grad + delta B/step |")
+    lines = [head, "|" + "---|" * 9]
+    last_cpu = {v: [[r for r in run.rows if r.get("kind") != "eval"][-1]["epoch_cpu_s"] for run in runs]
+                for v, runs in groups.items()}
+    sgd_last = statistics.mean(last_cpu["sgd"]) if last_cpu.get("sgd") else None
     for v, runs in groups.items():
         acc = [r.summary["final_test_acc"] for r in runs]
         spd = [r.summary["mean_speedup"] for r in runs if r.summary.get("mean_speedup") is not None]
         fp = [r.summary["footprint_bytes"] / 2**20 for r in runs if r.summary.get("footprint_bytes")]
         ratio = [sgd / t for t in times[v]] if sgd else []
+        last = _ms(last_cpu[v], "{:.0f}")
+        if sgd_last:
+            last += f" ({sgd_last / statistics.mean(last_cpu[v]):.2f}×)"
         lines.append(f"| {v} | {len(runs)} | {_ms(acc)} | {_ms(times[v], '{:.0f}')} | {_ms(ratio, '{:.3f}')} "
-                     f"| {_ms(spd, '{:.3f}')} | {_ms(fp, '{:.1f}')} | {_bytes(root, v)} |")
+                     f"| {last} | {_ms(spd, '{:.3f}')} | {_ms(fp, '{:.1f}')} | {_bytes(root, v)} |")
     return "\n".join(lines), target, everyone
 
 

@@ -11,7 +11,8 @@ the all-SGD step measured beside it (summary ``mean_speedup``: every epoch, warm
 wall-clock figure, so load moves it); the last epoch's CPU time (``epoch_cpu_s``, the deepest
 boundary) and sgd's over it; the peak footprint of a step at the last epoch; the gradient + delta
 bytes per step of the last epoch (from ``<runs>/bytes/<variant>``, a short 2-rank run, when
-present). It prints the markdown table and draws accuracy against the clock for every run (``accuracy_vs_<clock>_clock.png`` in ``--out``).
+present). It prints the markdown table and draws accuracy against the clock for every run
+(``accuracy_vs_<clock>_clock.png`` in ``--out``).
 """
 
 from __future__ import annotations

@@ -177,8 +177,10 @@ def test_two_ranks_stop_together_on_one_line(tmp_path, split):
     rank stops with that rank's line, exit 2, through DataLoader workers."""
     root = make_folder(tmp_path / "img")
     (root / split / "a" / "bad.png").write_bytes(b"not an image")
+    # torchrun's default monitor interval can SIGTERM the slower rank before it prints its own
+    # line (the first rank to exit fails the group); 2 s lets both ranks leave on their own.
     proc = torchrun(_train_cmd(root, tmp_path / "r", "trainer.epochs=1", "data.num_workers=2"),
-                    timeout=180)
+                    timeout=180, launcher=["--monitor-interval=2"])
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("distlocal: error: ")]
     assert len(lines) == 2 and lines[0] == lines[1], proc.stderr

@@ -71,7 +71,10 @@ def group_options(group: str) -> list[str]:
 
 def die(message: str, code: int = 2) -> None:
     """Print ``distlocal: error: <message>`` on one line to stderr and exit."""
-    print(f"distlocal: error: {' '.join(message.split())}", file=sys.stderr)
+    # One write of the whole line: under torchrun every rank shares the terminal, and print()'s
+    # separate write of the newline let two ranks' lines run together.
+    sys.stderr.write(f"distlocal: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
     sys.exit(code)
 
 

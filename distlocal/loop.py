@@ -8,9 +8,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from distlocal.parallel.env import DistEnv
+from distlocal.parallel.env import DistEnv, all_gather_floats
 
 
 def rng_state() -> dict[str, Any]:
@@ -38,14 +37,7 @@ def gather_sums(sums: list[float], env: DistEnv) -> list[list[float]]:
     Each rank sums its own shard until the epoch-end all-reduce; a checkpoint that kept rank 0's
     alone would make every resumed rank start from rank 0's sums (the epoch's train loss wrong).
     """
-    t = torch.tensor(sums, dtype=torch.float64)
-    if not env.distributed:
-        return [t.tolist()]
-    if dist.get_backend() == "nccl":
-        t = t.to(env.device)
-    parts = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(parts, t)
-    return [p.cpu().tolist() for p in parts]
+    return all_gather_floats(sums, env)
 
 
 def own_sums(saved: list, saved_world: int, env: DistEnv) -> list[float]:

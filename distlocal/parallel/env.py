@@ -88,6 +88,18 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.cpu().tolist()
 
 
+def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
+    """Every rank's ``values``, by rank (one small all-gather; a collective: every rank calls it)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if not env.distributed:
+        return [t.tolist()]
+    if dist.get_backend() == "nccl":
+        t = t.to(env.device)
+    parts = [torch.empty_like(t) for _ in range(env.world_size)]
+    dist.all_gather(parts, t)
+    return [p.cpu().tolist() for p in parts]
+
+
 def broadcast_object(obj: object, env: DistEnv) -> object:
     """Rank 0's ``obj`` on every rank."""
     if not env.distributed:

@@ -28,24 +28,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from distlocal.parallel.env import DistEnv
+from distlocal.parallel.env import DistEnv, all_gather_floats
 
 # The per-rank values gathered at a reading, in this order.
 _FIELDS = ("epoch_wall", "epoch_cpu", "epoch_device", "total_wall", "total_cpu", "total_device")
-
-
-def _gather(values: list[float], env: DistEnv) -> list[list[float]]:
-    """Every rank's ``values`` (one small all-gather; a collective: every rank calls it)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if not env.distributed:
-        return [t.tolist()]
-    if dist.get_backend() == "nccl":
-        t = t.to(env.device)
-    parts = [torch.empty_like(t) for _ in range(env.world_size)]
-    dist.all_gather(parts, t)
-    return [p.cpu().tolist() for p in parts]
 
 
 class TrainClocks:
@@ -129,7 +116,7 @@ class TrainClocks:
             ep["cpu"] += self._cpu() - self._t0[1]
         mine = [ep["wall"], ep["cpu"], ep["device"], self._own["wall"] + ep["wall"],
                 self._own["cpu"] + ep["cpu"], self._own["device"] + ep["device"]]
-        ranks = [dict(zip(_FIELDS, r)) for r in _gather(mine, env)]
+        ranks = [dict(zip(_FIELDS, r)) for r in all_gather_floats(mine, env)]
 
         def mx(k: str) -> float:
             return max(r[k] for r in ranks)

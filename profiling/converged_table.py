@@ -31,14 +31,17 @@ from distlocal.tta import CLOCKS, first_crossing  # noqa: E402
 ORDER = ("sgd", "freeze", "local", "local_tuned")
 
 
-def _runs(root: Path) -> dict[str, list[Run]]:
-    """``{variant: [finished runs]}`` under ``root/main`` (a run without summary.json is skipped)."""
+def _runs(root: Path, groups: tuple[str, ...] = ("main",)) -> dict[str, list[Run]]:
+    """``{variant: [finished runs]}`` under ``root/<group>`` for each group (a run without
+    summary.json is skipped); a variant outside ``main`` is named ``<group>/<variant>``."""
     out: dict[str, list[Run]] = {}
-    for d in sorted((root / "main").glob("*/s*")):
-        if (d / "summary.json").is_file():
-            run = load_dir(d)
-            run.name = f"{d.parent.name}/{d.name}"
-            out.setdefault(d.parent.name, []).append(run)
+    for group in groups:
+        for d in sorted((root / group).glob("*/s*")):
+            if (d / "summary.json").is_file():
+                run = load_dir(d)
+                variant = d.parent.name if group == "main" else f"{group}/{d.parent.name}"
+                run.name = f"{variant}/{d.name}"
+                out.setdefault(variant, []).append(run)
     return dict(sorted(out.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
 
 
@@ -60,9 +63,15 @@ def _bytes(root: Path, variant: str) -> str:
     return f"{last.get('grad_allreduce_bytes', 0):,.0f} + {last.get('delta_sync_bytes', 0):,.0f}"
 
 
-def table(root: Path, clock: str, target: float | None) -> tuple[str, float | None, list[Run]]:
-    """The markdown table, the target used and every run."""
-    groups = _runs(root)
+def table(
+    root: Path, clock: str, target: float | None, groups_: tuple[str, ...] = ("main",)
+) -> tuple[str, float | None, list[Run]]:
+    """The markdown table, the target used and every run, over the run groups ``groups_``
+    (``main``: the converged variants; ``switch``, ``long``: the switch-time and plateau runs)."""
+    groups = _runs(root, groups_)
+    if not groups:
+        raise SystemExit(f"converged_table.py: no finished run under {root}/{{{','.join(groups_)}}}/<variant>/s<seed>; "
+                         "run profiling/converged.sh first")
     everyone = [r for runs in groups.values() for r in runs]
     target = common_target(everyone, clock) if target is None else target
     times = {v: [] for v in groups}
@@ -99,8 +108,10 @@ def main(argv: list[str] | None = None) -> Any:
     ap.add_argument("--clock", choices=CLOCKS, default="cpu")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--out", type=Path, default=None, help="where to draw accuracy against the clock")
+    ap.add_argument("--groups", nargs="+", default=["main"],
+                    help="run groups under RUNS to tabulate together (main, switch, long)")
     args = ap.parse_args(argv)
-    text, target, runs = table(args.runs, args.clock, args.target)
+    text, target, runs = table(args.runs, args.clock, args.target, tuple(args.groups))
     print(text)
     if args.out is not None:
         print(f"wrote {plot_accuracy_vs_clock(runs, args.clock, target, args.out)}", file=sys.stderr)

@@ -8,6 +8,9 @@ ARGS   ?=
 # `make test` leaves out the tests marked slow (over a minute: torch.compile's first compile on
 # CPU); `make test MARKS=` runs everything, `make test MARKS=slow` those alone.
 MARKS  ?= not slow
+# Test processes (pytest-xdist, one test file per process): most tests wait on child processes'
+# start-up, so two keep 2 cores busy; TEST_JOBS=0 runs them in this process (pdb, -x).
+TEST_JOBS ?= 2
 # Several ranks on few cores: one thread per rank, or steps get ~10x slower.
 export OMP_NUM_THREADS ?= 1
 
@@ -27,7 +30,7 @@ train: install
 	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
 
 test: install
-	$(BIN)/python -m pytest -q -m "$(MARKS)" $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist loadfile -m "$(MARKS)" $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

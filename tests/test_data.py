@@ -118,6 +118,24 @@ def test_digits_split_is_stratified(digits: DataBundle) -> None:
         assert abs(test_counts[c] - 0.2 * total) <= 1
 
 
+def test_digits_cache_holds_sklearns_split_and_survives_damage(tmp_path: Path) -> None:
+    from distlocal.data.digits import _split_from_sklearn, raw_digits
+
+    truth = _split_from_sklearn()
+    built = raw_digits(tmp_path)  # no cache yet: computed by scikit-learn, then written
+    (cached,) = tmp_path.glob("digits-sklearn*.npz")
+    assert not list(tmp_path.glob("*.tmp"))
+    read = raw_digits(tmp_path)  # from the file
+    cached.write_bytes(b"not an npz")  # damaged: rebuilt, never trusted
+    rebuilt = raw_digits(tmp_path)
+    blocked = raw_digits(cached)  # the cache "directory" is a file: nothing written, same arrays
+    for arrays in (built, read, rebuilt, blocked):
+        assert arrays.keys() == truth.keys()
+        for k in truth:
+            assert arrays[k].dtype == truth[k].dtype and np.array_equal(arrays[k], truth[k]), k
+    assert np.load(cached)["idx_test"].shape == (360,)
+
+
 def test_digits_split_identical_across_builds(digits: DataBundle) -> None:
     again = build_datasets(DataConfig(name="digits"))
     for a, b in ((digits.train, again.train), (digits.test, again.test)):

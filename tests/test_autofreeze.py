@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 from test_learner import _batch, _setup
-from test_resume import BASE, _assert_same_run, _cut_mid_epoch_2, _rows, _worker
+from test_resume import QUIET, _assert_same_run, _cut_mid_epoch_2, _rows, _worker
 
 from distlocal.config import AutoFreezeConfig
 from distlocal.errors import ConfigError
@@ -137,7 +137,7 @@ def test_resume_mid_epoch_with_auto_freeze_is_exact(tmp_path, check_every: int) 
     # every sync) the checkpoint at step 4 of epoch 2 holds stage 0 frozen and stage 1 mid-window.
     # Checked every 3 syncs, that checkpoint holds unread observations: the resume reads them at
     # the same sync as the uninterrupted run.
-    args = [*BASE, "checkpoint.every_steps=4", "local.auto_freeze.threshold=1.0",
+    args = [*QUIET, "checkpoint.every_steps=4", "local.auto_freeze.threshold=1.0",
             "local.auto_freeze.window=5", f"local.auto_freeze.check_every={check_every}"]
     full, cut = tmp_path / "full", tmp_path / "cut"
     _worker(full, *args)

@@ -81,6 +81,7 @@ def bn_runs(tmp_path_factory):
                     *COMMON,
                     "model=convnet",
                     "trainer.max_steps_per_epoch=8",
+                    "profiler.enabled=false",  # bytes and replicas: the profiler is not under test
                     f"local.sync_every={k}",
                 ],
                 timeout=300,
@@ -125,7 +126,8 @@ def lever_runs(tmp_path_factory):
     levers = {"base": [], "every4": ["local.update_every=4"], "bf16": ["local.sync_dtype=bf16"]}
     for name, extra in levers.items():
         out = tmp_path_factory.mktemp(f"lever_{name}")
-        args = [*COMMON, "model=convnet_nobn", "trainer.epochs=3", "trainer.max_steps_per_epoch=8", *extra]
+        args = [*COMMON, "model=convnet_nobn", "trainer.epochs=3", "trainer.max_steps_per_epoch=8",
+                "profiler.enabled=false", *extra]
         check_ok(torchrun([str(WORKER), str(out), *args], timeout=300))
         outs[name] = out
     return outs
@@ -164,7 +166,7 @@ def test_two_ranks_equal_one_process_with_sample_fraction_and_chunking(tmp_path_
     (the sampler interleaves the ranks); chunks of 3 samples leave an uneven last chunk."""
     one, two = tmp_path_factory.mktemp("frac_one"), tmp_path_factory.mktemp("frac_two")
     args = [*COMMON, "model=convnet_nobn", "trainer.epochs=3", "local.sample_fraction=0.5",
-            "local.chunk_size=3"]
+            "local.chunk_size=3", "profiler.enabled=false"]
     check_ok(run([sys.executable, str(WORKER), str(one), *args], timeout=300))
     check_ok(torchrun([str(WORKER), str(two), *args], timeout=300))
     assert any(r["boundary"] > 0 for r in _rows(two))

@@ -228,6 +228,23 @@ def test_local_vit_two_ranks_equal_one_process_ddp_and_deepspeed(tmp_path) -> No
 
 
 @pytest.mark.dist
+@pytest.mark.slow  # vit_tiny's 4M parameters: ~1 min of CPU; make test MARKS=slow runs it
+@pytest.mark.timeout(2 * TIMEOUT)
+def test_vit_tiny_on_digits_two_ranks_equal_one_process(tmp_path) -> None:
+    """The registered ViT itself (9 blocks, width 192), local on digits (32x32: 64 tokens): 2 DDP
+    ranks give the one process's weights within float32 summation order, as vit_mini above."""
+    args = ["data=digits", "model=vit_tiny", "mode=local", "trainer.epochs=3", "trainer.batch_size=16",
+            "trainer.max_steps_per_epoch=3", "trainer.deterministic=true", "schedule.warmup_epochs=1",
+            "schedule.step=5", "wandb.mode=disabled", "trainer.progress=false", "profiler.enabled=false"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    check_ok(run([sys.executable, str(WORKER), str(one), *args], timeout=TIMEOUT))
+    check_ok(torchrun([str(WORKER), str(two), *args], timeout=TIMEOUT))
+    rows = [json.loads(line) for line in (two / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["boundary"] for r in rows] == [0, 5, 10]  # the stem and all 9 blocks local at the end
+    assert _relative_gap(_weights(one), _weights(two)) < 1e-5
+
+
+@pytest.mark.dist
 @pytest.mark.timeout(3 * TIMEOUT)
 def test_local_vit_resume_is_exact(tmp_path) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"

@@ -16,7 +16,7 @@
 #
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
-# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0). A run whose summary.json exists is skipped (re-run safe).
+# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd). A run whose summary.json exists is skipped (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,8 +61,11 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
           echo "$RUNS/main/$mode/s$seed mode=$mode trainer.epochs=$EPOCHS trainer.seed=$seed"
         done
       done ;;
-    long)  # the plateau check: does sgd gain more than 0.3 pt with LONG_EPOCHS?
-      echo "$RUNS/long/sgd/s0 mode=sgd trainer.epochs=$LONG_EPOCHS trainer.seed=0" ;;
+    long)  # the plateau check: does sgd gain more than 0.3 pt with LONG_EPOCHS? (LONG_MODES="sgd freeze local":
+      # the other modes at that length too, one seed)
+      for mode in ${LONG_MODES:-sgd}; do
+        echo "$RUNS/long/$mode/s0 mode=$mode trainer.epochs=$LONG_EPOCHS trainer.seed=0"
+      done ;;
     tuned)
       for seed in $SEEDS; do
         echo "$RUNS/main/local_tuned/s$seed mode=local $TUNED trainer.epochs=$EPOCHS trainer.seed=$seed"

@@ -70,8 +70,8 @@ def table(
     (``main``: the converged variants; ``switch``, ``long``: the switch-time and plateau runs)."""
     groups = _runs(root, groups_)
     if not groups:
-        raise SystemExit(f"converged_table.py: no finished run under {root}/{{{','.join(groups_)}}}/<variant>/s<seed>; "
-                         "run profiling/converged.sh first")
+        where = f"{root}/{{{','.join(groups_)}}}/<variant>/s<seed>"
+        raise SystemExit(f"converged_table.py: no finished run under {where}; run profiling/converged.sh first")
     everyone = [r for runs in groups.values() for r in runs]
     target = common_target(everyone, clock) if target is None else target
     times = {v: [] for v in groups}

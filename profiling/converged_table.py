@@ -71,7 +71,7 @@ def table(
     groups = _runs(root, groups_)
     if not groups:
         where = f"{root}/{{{','.join(groups_)}}}/<variant>/s<seed>"
-        raise SystemExit(f"converged_table.py: no finished run under {where}; run profiling/converged.sh first")
+        raise SystemExit(f"converged_table.py: no finished run under {where}; run converged.sh first")
     everyone = [r for runs in groups.values() for r in runs]
     target = common_target(everyone, clock) if target is None else target
     times = {v: [] for v in groups}

@@ -80,14 +80,15 @@ def table(
             hit = None if target is None else first_crossing(clock_points(r, clock), target)
             if hit is not None:
                 times[v].append(hit["t"])
-    sgd = statistics.mean(times["sgd"]) if times.get("sgd") else None
+    ref = next((v for v in groups if v.split("/")[-1] == "sgd"), None)  # sgd, or long/sgd
+    sgd = statistics.mean(times[ref]) if ref and times[ref] else None
     head = (f"| variant | seeds | final test acc % | {clock} s to {target:.2f} % | sgd / this "
             "| last-epoch CPU s (sgd / this) | in-run speedup (wall) | peak footprint MiB "
             "| grad + delta B/step |")
     lines = [head, "|" + "---|" * 9]
     last_cpu = {v: [[r for r in run.rows if r.get("kind") != "eval"][-1]["epoch_cpu_s"] for run in runs]
                 for v, runs in groups.items()}
-    sgd_last = statistics.mean(last_cpu["sgd"]) if last_cpu.get("sgd") else None
+    sgd_last = statistics.mean(last_cpu[ref]) if ref else None
     for v, runs in groups.items():
         acc = [r.summary["final_test_acc"] for r in runs]
         spd = [r.summary["mean_speedup"] for r in runs if r.summary.get("mean_speedup") is not None]

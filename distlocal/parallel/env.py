@@ -78,23 +78,25 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def _collective_tensor(values: list[float], env: DistEnv) -> torch.Tensor:
+    """``values`` as float64 where the backend reduces: the device under NCCL, else the host."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.to(env.device) if env.distributed and dist.get_backend() == "nccl" else t
+
+
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     """Sum a few scalars across ranks in one collective (epoch metrics)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    t = _collective_tensor(values, env)
     if env.distributed:
-        if dist.get_backend() == "nccl":
-            t = t.to(env.device)
         dist.all_reduce(t)
     return t.cpu().tolist()
 
 
 def all_gather_floats(values: list[float], env: DistEnv) -> list[list[float]]:
     """Every rank's ``values``, by rank (one small all-gather; a collective: every rank calls it)."""
-    t = torch.tensor(values, dtype=torch.float64)
+    t = _collective_tensor(values, env)
     if not env.distributed:
         return [t.tolist()]
-    if dist.get_backend() == "nccl":
-        t = t.to(env.device)
     parts = [torch.empty_like(t) for _ in range(env.world_size)]
     dist.all_gather(parts, t)
     return [p.cpu().tolist() for p in parts]

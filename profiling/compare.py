@@ -78,6 +78,11 @@ class Run:
         """``(epoch, value)`` for the epochs where ``key`` is present and not null."""
         return [(int(r.get("epoch", i)), r[key]) for i, r in enumerate(self.rows) if r.get(key) is not None]
 
+    def last(self, key: str) -> Any:
+        """The last non-null value of ``key`` (its last epoch's), or None."""
+        s = self.series(key)
+        return s[-1][1] if s else None
+
 
 def load_dir(path: Path) -> Run:
     """A run directory written by the trainer; a missing summary/config yields empty dicts."""
@@ -120,11 +125,6 @@ def load_wandb(path: str) -> Run | None:
         return None
 
 
-def _last(run: Run, key: str) -> Any:
-    s = run.series(key)
-    return s[-1][1] if s else None
-
-
 def _setup(run: Run) -> tuple[Any, ...]:
     """What must match for an end-to-end comparison with a ``mode=sgd`` run: model, data, length."""
     c, t = run.config, run.config.get("trainer") or {}
@@ -147,14 +147,14 @@ def table_rows(runs: list[Run]) -> list[dict[str, Any]]:
         e2e = r.summary.get("end_to_end_s")
         out.append({
             "run": r.name, "mode": r.mode, "rule": r.rule,
-            "final_acc": r.summary.get("final_test_acc", _last(r, "test_acc")),
+            "final_acc": r.summary.get("final_test_acc", r.last("test_acc")),
             "best_acc": r.summary.get("best_test_acc",
                                       max((v for _, v in r.series("test_acc")), default=None)),
             "end_to_end_s": e2e,
             "mean_speedup": r.summary.get("mean_speedup") or mean_speedup,
-            "footprint_reduction": _last(r, "footprint_reduction"),
-            "act_reduction": _last(r, "activation_reduction") or r.summary.get("final_activation_reduction"),
-            "final_boundary": r.summary.get("final_boundary", _last(r, "boundary")),
+            "footprint_reduction": r.last("footprint_reduction"),
+            "act_reduction": r.last("activation_reduction") or r.summary.get("final_activation_reduction"),
+            "final_boundary": r.summary.get("final_boundary", r.last("boundary")),
             "e2e_vs_sgd": sgd.summary["end_to_end_s"] / e2e if sgd is not None and e2e else None,
         })
     return out

@@ -16,7 +16,8 @@
 #
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
-# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd). A run whose summary.json exists is skipped (re-run safe).
+# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd). A run whose
+# summary.json exists is skipped (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -59,8 +59,8 @@ def _bytes(root: Path, variant: str) -> str:
     d = root / "bytes" / variant
     if not (d / "summary.json").is_file():  # not run, or not finished
         return "–"
-    last = [r for r in load_dir(d).rows if r.get("kind") != "eval"][-1]
-    return f"{last.get('grad_allreduce_bytes', 0):,.0f} + {last.get('delta_sync_bytes', 0):,.0f}"
+    run = load_dir(d)
+    return f"{run.last('grad_allreduce_bytes') or 0:,.0f} + {run.last('delta_sync_bytes') or 0:,.0f}"
 
 
 def table(
@@ -86,8 +86,7 @@ def table(
             "| last-epoch CPU s (sgd / this) | in-run speedup (wall) | peak footprint MiB "
             "| grad + delta B/step |")
     lines = [head, "|" + "---|" * 9]
-    last_cpu = {v: [[r for r in run.rows if r.get("kind") != "eval"][-1]["epoch_cpu_s"] for run in runs]
-                for v, runs in groups.items()}
+    last_cpu = {v: [run.last("epoch_cpu_s") for run in runs] for v, runs in groups.items()}
     sgd_last = statistics.mean(last_cpu[ref]) if ref else None
     for v, runs in groups.items():
         acc = [r.summary["final_test_acc"] for r in runs]

@@ -18,7 +18,7 @@ BASE = ["data=digits", "model=convnet", "mode=local", "trainer.epochs=4", "train
         "trainer.max_steps_per_epoch=6", "trainer.deterministic=true", "schedule.warmup_epochs=1",
         "wandb.mode=disabled", "trainer.progress=false", "resume=auto"]
 # The same without the profiler (its all-SGD reference steps add ~40 % to these 6-step epochs), for
-# the tests whose subject is not it; the resume tests above it keep the profiler on.
+# tests elsewhere whose subject is not it; this file's exact-resume tests run BASE, profiler on.
 QUIET = [*BASE, "profiler.enabled=false"]
 # Wall-clock and process-memory readings differ between any two runs; everything else must not.
 MEASURED = {"epoch_time_s", "samples_per_s", "step_time_s", "rebuild_ms", "sync_ms", "step_time_ref_s",

@@ -16,7 +16,8 @@
 #
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
-# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd). A run whose
+# EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd), LONG_SEEDS (0),
+# LONG_GROUP (long). A run whose
 # summary.json exists is skipped (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
@@ -64,9 +65,11 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
       done ;;
     long)  # the plateau check: does sgd gain more than 0.3 pt with LONG_EPOCHS? (LONG_MODES="sgd freeze local":
       # the other modes at that length too, one seed)
-      for mode in ${LONG_MODES:-sgd}; do
-        echo "$RUNS/long/$mode/s0 mode=$mode trainer.epochs=$LONG_EPOCHS trainer.seed=0"
-      done ;;
+      # LONG_SEEDS: more seeds at that length; LONG_GROUP: the group directory, e.g. long12 for a
+      # second length beside long)
+      for seed in ${LONG_SEEDS:-0}; do for mode in ${LONG_MODES:-sgd}; do
+        echo "$RUNS/${LONG_GROUP:-long}/$mode/s$seed mode=$mode trainer.epochs=$LONG_EPOCHS trainer.seed=$seed"
+      done; done ;;
     tuned)
       for seed in $SEEDS; do
         echo "$RUNS/main/local_tuned/s$seed mode=local $TUNED trainer.epochs=$EPOCHS trainer.seed=$seed"

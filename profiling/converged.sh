@@ -17,7 +17,7 @@
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
 # EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd), LONG_SEEDS (0),
-# LONG_GROUP (long). A run whose
+# LONG_GROUP (long), BYTES_GROUP (none). A run whose
 # summary.json exists is skipped (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
@@ -86,8 +86,9 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
         echo "$RUNS/switch/${mode}_late/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=$half schedule.step=3 trainer.seed=0"
       done ;;
     bytes)  # the main recipe's schedule on 10 steps per epoch: the last epoch's bytes per step
+      # (BYTES_GROUP=long EPOCHS=6: the bytes of the long group's schedule, read by its table)
       for mode in sgd freeze local; do
-        echo "$RUNS/bytes/$mode mode=$mode trainer.epochs=$EPOCHS trainer.max_steps_per_epoch=10 trainer.seed=0"
+        echo "$RUNS/bytes/${BYTES_GROUP:+$BYTES_GROUP/}$mode mode=$mode trainer.epochs=$EPOCHS trainer.max_steps_per_epoch=10 trainer.seed=0"
       done ;;
     *) echo "converged.sh: unknown PHASE '$PHASE'; valid: tune main long switch tuned lever bytes" >&2; exit 2 ;;
   esac

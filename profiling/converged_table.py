@@ -42,7 +42,11 @@ def _runs(root: Path, groups: tuple[str, ...] = ("main",)) -> dict[str, list[Run
                 variant = d.parent.name if group == "main" else f"{group}/{d.parent.name}"
                 run.name = f"{variant}/{d.name}"
                 out.setdefault(variant, []).append(run)
-    return dict(sorted(out.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
+    def rank(kv: tuple[str, list[Run]]) -> tuple[str, int]:  # group, then sgd, freeze, local
+        mode = kv[0].split("/")[-1]
+        return kv[0].rpartition("/")[0], ORDER.index(mode) if mode in ORDER else len(ORDER)
+
+    return dict(sorted(out.items(), key=rank))
 
 
 def _ms(xs: list[float], fmt: str = "{:.2f}") -> str:
@@ -55,7 +59,8 @@ def _ms(xs: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def _bytes(root: Path, variant: str) -> str:
-    """Gradient + delta bytes per step of the last epoch of ``root/bytes/<variant>`` (2 ranks)."""
+    """Gradient + delta bytes per step of the last epoch of ``root/bytes/<variant>`` (2 ranks;
+    ``bytes/long/<mode>`` for the long group's schedule: ``PHASE=bytes BYTES_GROUP=long``)."""
     d = root / "bytes" / variant
     if not (d / "summary.json").is_file():  # not run, or not finished
         return "–"

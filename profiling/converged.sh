@@ -17,7 +17,8 @@
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
 # EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd), LONG_SEEDS (0),
-# LONG_GROUP (long), BYTES_GROUP (none). A run whose
+# LONG_GROUP (long), BYTES_GROUP (none), LEVER_GROUP (main; long with EPOCHS=6: beside the long
+# group). A run whose
 # summary.json exists is skipped (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
@@ -76,7 +77,7 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
       done ;;
     lever)
       for seed in $LEVER_SEEDS; do
-        echo "$RUNS/main/local_lever/s$seed mode=local $LEVER trainer.epochs=$EPOCHS trainer.seed=$seed"
+        echo "$RUNS/${LEVER_GROUP:-main}/local_lever/s$seed mode=local $LEVER trainer.epochs=$EPOCHS trainer.seed=$seed"
       done ;;
     switch)  # all 3 stages at once: after epoch 1 (early) or after half the run, rounded up (late)
       local half=$(((EPOCHS + 1) / 2))

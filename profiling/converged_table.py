@@ -28,7 +28,7 @@ from compare import Run, clock_points, common_target, load_dir, plot_accuracy_vs
 
 from distlocal.tta import CLOCKS, first_crossing  # noqa: E402
 
-ORDER = ("sgd", "freeze", "local", "local_tuned")
+ORDER = ("sgd", "freeze", "local", "local_tuned", "local_lever")
 
 
 def _runs(root: Path, groups: tuple[str, ...] = ("main",)) -> dict[str, list[Run]]:

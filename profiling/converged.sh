@@ -18,8 +18,7 @@
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
 # EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd), LONG_SEEDS (0),
 # LONG_GROUP (long), BYTES_GROUP (none), LEVER_GROUP (main; long with EPOCHS=6: beside the long
-# group). A run whose
-# summary.json exists is skipped (re-run safe).
+# group). A run whose summary.json exists is skipped and one with a checkpoint resumes (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,12 +97,16 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
 run_one() {  # <run dir> <overrides...>
   local dir=$1; shift
   if [[ -f "$dir/summary.json" ]]; then echo "converged.sh: done already: $dir"; return 0; fi
-  rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
-  echo "converged.sh: [$(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)] start $dir"
+  # A run stopped after an epoch's checkpoint (killed, machine restarted) resumes from it: the
+  # checkpoint carries the clocks and time-to-accuracy points, and later metrics rows are dropped.
+  local resume=() how=start
+  if compgen -G "$dir/checkpoints/*.pt" > /dev/null; then resume=(resume=auto); how=resume
+  else rm -rf "$dir" "$dir.log"; mkdir -p "$(dirname "$dir")"; fi
+  echo "converged.sh: [$(date -u +%H:%M:%S) load $(cut -d' ' -f1 /proc/loadavg)] $how $dir"
   # shellcheck disable=SC2086  # word splitting of the overrides is intended
   local launch=("$PY" launch/train.py)  # one process; the bytes phase: 2 gloo ranks
   if [[ "$dir" == */bytes/* ]]; then launch=("$PY" -m torch.distributed.run --standalone --nproc_per_node=2 launch/train.py); fi
-  if ! "${launch[@]}" $BASE "$@" $EXTRA "hydra.run.dir=$dir" > "$dir.log" 2>&1; then
+  if ! "${launch[@]}" $BASE "$@" $EXTRA "${resume[@]}" "hydra.run.dir=$dir" >> "$dir.log" 2>&1; then
     echo "converged.sh: FAILED $dir (log: $dir.log)" >&2; tail -3 "$dir.log" >&2; return 1
   fi
   echo "converged.sh: [$(date -u +%H:%M:%S)] done $dir: $(tail -1 "$dir.log")"

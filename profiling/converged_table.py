@@ -106,6 +106,23 @@ def table(
     return "\n".join(lines), target, everyone
 
 
+def targets_table(root: Path, clock: str, targets: list[float], groups_: tuple[str, ...]) -> str:
+    """Time on ``clock`` to each of ``targets``, per variant of every group (mean ± std over the
+    seeds that reach it; ``k/n`` says how many of the n seeds did, ``–`` none): which mode *and
+    budget* reaches an accuracy first."""
+    groups = _runs(root, groups_)
+    head = "| variant | seeds | " + " | ".join(f"{clock} s to {t:.2f} %" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (len(targets) + 2)]
+    for v, runs in groups.items():
+        cells = []
+        for t in targets:
+            hits = [h["t"] for h in (first_crossing(clock_points(r, clock), t) for r in runs) if h]
+            cell = _ms(hits, "{:.0f}")
+            cells.append(cell if len(hits) == len(runs) or not hits else f"{cell} ({len(hits)}/{len(runs)})")
+        lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Print the table; draw accuracy against the clock."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,9 +132,13 @@ def main(argv: list[str] | None = None) -> Any:
     ap.add_argument("--out", type=Path, default=None, help="where to draw accuracy against the clock")
     ap.add_argument("--groups", nargs="+", default=["main"],
                     help="run groups under RUNS to tabulate together (main, switch, long)")
+    ap.add_argument("--targets", type=float, nargs="+", default=None,
+                    help="also print the time to each of these accuracies, per variant and group")
     args = ap.parse_args(argv)
     text, target, runs = table(args.runs, args.clock, args.target, tuple(args.groups))
     print(text)
+    if args.targets:
+        print("\n" + targets_table(args.runs, args.clock, args.targets, tuple(args.groups)))
     if args.out is not None:
         print(f"wrote {plot_accuracy_vs_clock(runs, args.clock, target, args.out)}", file=sys.stderr)
     return text

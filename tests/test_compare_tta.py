@@ -66,3 +66,17 @@ def test_main_takes_clock_and_target(tmp_path, compare, capsys):
     out = capsys.readouterr().out
     assert "time to 70.00 % (--target) on the wall clock" in out
     assert (tmp_path / "p" / "accuracy_vs_wall_clock.png").stat().st_size > 0
+
+
+def test_converged_table_times_each_target_per_variant_and_says_how_many_seeds_reach_it(tmp_path):
+    table = _load_script("converged_table")
+    (tmp_path / "long" / "sgd").mkdir(parents=True)
+    (tmp_path / "long" / "local").mkdir()
+    _run(tmp_path / "long" / "sgd" / "s0", "sgd", SGD)
+    _run(tmp_path / "long" / "sgd" / "s1", "sgd", [(15, 15, 50.0), (30, 30, 72.0), (45, 45, 84.0)])
+    _run(tmp_path / "long" / "local" / "s0", "local", LOCAL)
+    text = table.targets_table(tmp_path, "cpu", [70.0, 84.5], ("long",))
+    rows = text.splitlines()
+    assert rows[0] == "| variant | seeds | cpu s to 70.00 % | cpu s to 84.50 % |"
+    assert rows[2] == "| long/sgd | 2 | 25 ± 7 | 40 (1/2) |"  # 20 and 30 s; s1 never reaches 84.5 %
+    assert rows[3] == "| long/local | 1 | 12 | – |"

@@ -13,6 +13,7 @@
 #   PHASE=lever bash profiling/converged.sh   # local with LEVER (the short-run table's best) x LEVER_SEEDS
 #   PHASE=bytes bash profiling/converged.sh   # sgd, freeze, local as short 2-rank runs: bytes per step
 #   python profiling/converged_table.py "$RUNS" --clock cpu --out docs/results/converged   # the table
+#   python profiling/converged_table.py "$RUNS" --groups main long --targets 91 92   # time to each accuracy
 #
 # Environment: EPOCHS (3), LONG_EPOCHS (6), PRECISION (32), SEEDS ("0 1 2"), JOBS (2 at a time), RUNS
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),

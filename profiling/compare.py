@@ -263,14 +263,17 @@ def common_target(runs: list[Run], clock: str) -> float | None:
     return min(bests) if bests else None
 
 
+def time_to(run: Run, clock: str, target: float) -> float | None:
+    """The time on ``clock`` of ``run``'s first evaluation at or above ``target`` (``None``: not
+    reached, or no such clock)."""
+    hit = first_crossing(clock_points(run, clock), target)
+    return None if hit is None else hit["t"]
+
+
 def tta_rows(runs: list[Run], clock: str, target: float) -> list[dict[str, Any]]:
-    """Per run: the time on ``clock`` of its first evaluation at or above ``target`` (``None``: not
-    reached, or no such clock) and ``vs_sgd`` = the median such time of the ``mode=sgd`` runs / it."""
-    out = []
-    for r in runs:
-        hit = first_crossing(clock_points(r, clock), target)
-        time_s = None if hit is None else hit["t"]
-        out.append({"run": r.name, "mode": r.mode, "rule": r.rule, "time_s": time_s})
+    """Per run: :func:`time_to` ``target`` and ``vs_sgd`` = the median such time of the ``mode=sgd``
+    runs / it."""
+    out = [{"run": r.name, "mode": r.mode, "rule": r.rule, "time_s": time_to(r, clock, target)} for r in runs]
     sgd = [row["time_s"] for row in out if row["mode"] == "sgd" and row["time_s"] is not None]
     ref = statistics.median(sgd) if sgd else None
     for row in out:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling compare.py
-from compare import Run, clock_points, common_target, load_dir, plot_accuracy_vs_clock  # noqa: E402
+from compare import Run, common_target, load_dir, plot_accuracy_vs_clock, time_to  # noqa: E402
 
-from distlocal.tta import CLOCKS, first_crossing  # noqa: E402
+from distlocal.tta import CLOCKS  # noqa: E402
 
 ORDER = ("sgd", "freeze", "local", "local_tuned", "local_lever")
 
@@ -58,6 +58,12 @@ def _ms(xs: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.mean(xs))} ± {fmt.format(statistics.stdev(xs))}"
 
 
+def _reached(runs: list[Run], clock: str, target: float | None) -> list[float]:
+    """The time to ``target`` on ``clock`` of each run that reaches it."""
+    times = [] if target is None else [time_to(r, clock, target) for r in runs]
+    return [t for t in times if t is not None]
+
+
 def _bytes(root: Path, variant: str) -> str:
     """Gradient + delta bytes per step of the last epoch of ``root/bytes/<variant>`` (2 ranks;
     ``bytes/long/<mode>`` for the long group's schedule: ``PHASE=bytes BYTES_GROUP=long``)."""
@@ -79,12 +85,7 @@ def table(
         raise SystemExit(f"converged_table.py: no finished run under {where}; run converged.sh first")
     everyone = [r for runs in groups.values() for r in runs]
     target = common_target(everyone, clock) if target is None else target
-    times = {v: [] for v in groups}
-    for v, runs in groups.items():
-        for r in runs:
-            hit = None if target is None else first_crossing(clock_points(r, clock), target)
-            if hit is not None:
-                times[v].append(hit["t"])
+    times = {v: _reached(runs, clock, target) for v, runs in groups.items()}
     ref = next((v for v in groups if v.split("/")[-1] == "sgd"), None)  # sgd, or long/sgd
     sgd = statistics.mean(times[ref]) if ref and times[ref] else None
     head = (f"| variant | seeds | final test acc % | {clock} s to {target:.2f} % | sgd / this "
@@ -116,7 +117,7 @@ def targets_table(root: Path, clock: str, targets: list[float], groups_: tuple[s
     for v, runs in groups.items():
         cells = []
         for t in targets:
-            hits = [h["t"] for h in (first_crossing(clock_points(r, clock), t) for r in runs) if h]
+            hits = _reached(runs, clock, t)
             cell = _ms(hits, "{:.0f}")
             cells.append(cell if len(hits) == len(runs) or not hits else f"{cell} ({len(hits)}/{len(runs)})")
         lines.append(f"| {v} | {len(runs)} | " + " | ".join(cells) + " |")

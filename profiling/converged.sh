@@ -19,7 +19,8 @@
 # (outputs/converged), TUNED (extra overrides of the tuned local variant), EVAL_EVERY (469 steps),
 # EXTRA (overrides for every run), LEVER and LEVER_SEEDS (0), LONG_MODES (sgd), LONG_SEEDS (0),
 # LONG_GROUP (long), BYTES_GROUP (none), LEVER_GROUP (main; long with EPOCHS=6: beside the long
-# group). A run whose summary.json exists is skipped and one with a checkpoint resumes (re-run safe).
+# group), SWITCH_SEEDS (0) and SWITCH_VARIANTS (all four). A run whose summary.json exists is
+# skipped and one with a checkpoint resumes (re-run safe).
 # profiling/compare.py reads the run directories: time to a common target on --clock cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -80,11 +81,19 @@ jobs_of_phase() {  # one line per run: <run dir> <overrides...>
         echo "$RUNS/${LEVER_GROUP:-main}/local_lever/s$seed mode=local $LEVER trainer.epochs=$EPOCHS trainer.seed=$seed"
       done ;;
     switch)  # all 3 stages at once: after epoch 1 (early) or after half the run, rounded up (late)
-      local half=$(((EPOCHS + 1) / 2))
+      # (SWITCH_SEEDS: seeds; SWITCH_VARIANTS: a subset of freeze_early freeze_late local_early local_late)
+      local half=$(((EPOCHS + 1) / 2)) seed variant mode warmup
       if ((half <= 1)); then echo "converged.sh: PHASE=switch needs EPOCHS >= 3 (early and late differ)" >&2; exit 2; fi
-      for mode in freeze local; do
-        echo "$RUNS/switch/${mode}_early/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=1 schedule.step=3 trainer.seed=0"
-        echo "$RUNS/switch/${mode}_late/s0 mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=$half schedule.step=3 trainer.seed=0"
+      for seed in ${SWITCH_SEEDS:-0}; do
+        for variant in ${SWITCH_VARIANTS:-freeze_early freeze_late local_early local_late}; do
+          mode=${variant%_*}
+          case "$variant" in
+            freeze_early|local_early) warmup=1 ;;
+            freeze_late|local_late) warmup=$half ;;
+            *) echo "converged.sh: unknown SWITCH_VARIANTS entry '$variant'; valid: freeze_early freeze_late local_early local_late" >&2; exit 2 ;;
+          esac
+          echo "$RUNS/switch/$variant/s$seed mode=$mode trainer.epochs=$EPOCHS schedule.warmup_epochs=$warmup schedule.step=3 trainer.seed=$seed"
+        done
       done ;;
     bytes)  # the main recipe's schedule on 10 steps per epoch: the last epoch's bytes per step
       # (BYTES_GROUP=long EPOCHS=6: the bytes of the long group's schedule, read by its table)

@@ -6,6 +6,7 @@ import datetime
 import os
 import re
 import sys
+from typing import NoReturn
 
 from omegaconf import DictConfig
 
@@ -69,12 +70,20 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("base_"))
 
 
-def die(message: str, code: int = 2) -> None:
-    """Print ``distlocal: error: <message>`` on one line to stderr and exit."""
+def die(message: str, code: int = 2, every_rank: bool = False) -> NoReturn:
+    """Print ``distlocal: error: <message>`` on one line to stderr and exit with ``code``.
+
+    ``every_rank``: every rank of a process group raised this error at the same point, so they
+    leave together (:func:`distlocal.parallel.env.exit_together`) and each exits ``code``.
+    """
     # One write of the whole line: under torchrun every rank shares the terminal, and print()'s
     # separate write of the newline let two ranks' lines run together.
     sys.stderr.write(f"distlocal: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
+    if every_rank:
+        from distlocal.parallel.env import exit_together
+
+        exit_together(code)
     sys.exit(code)
 
 

@@ -30,7 +30,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as exc:
         cli.die(str(exc))
     except (TrainingDiverged, CheckpointError) as exc:  # stopped with its state saved: resume=auto
-        cli.die(str(exc), code=3)
+        # Raised by every rank at the same step (the failed write is broadcast, the divergence is
+        # decided on averaged deltas): they leave together, so torchrun sees exit 3 from each.
+        cli.die(str(exc), code=3, every_rank=True)
     return summary["final_test_acc"]  # the value a Hydra sweeper would optimise
 
 

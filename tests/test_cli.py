@@ -6,6 +6,7 @@ import csv
 import json
 import sys
 
+import pytest
 import torch
 from conftest import check_ok, run, torchrun
 
@@ -136,3 +137,28 @@ def test_failed_checkpoint_write_is_one_line_exit_3_and_keeps_the_previous(tmp_p
     assert "resume=auto" in line
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 0
     assert not (run_dir / "checkpoints" / "epoch_0001.pt").exists()
+
+
+def test_every_rank_die_marks_the_wandb_run_failed_before_leaving(monkeypatch, capsys, one_rank_group):
+    """In a process group, ``die(..., every_rank=True)`` skips the interpreter's teardown
+    (``os._exit``), so it must finish wandb itself, with the exit code, before it leaves; the one
+    line is printed first."""
+    from types import SimpleNamespace
+
+    import distlocal.parallel.env as env_mod
+    from distlocal import cli
+
+    calls = []
+    fake_wandb = SimpleNamespace(run=object(), finish=lambda exit_code: calls.append(("finish", exit_code)))
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+
+    def fake_exit(code: int) -> None:
+        calls.append(("exit", code))
+        raise SystemExit(code)
+
+    monkeypatch.setattr(env_mod.os, "_exit", fake_exit)
+    with pytest.raises(SystemExit) as exc:
+        cli.die("disk  full", code=3, every_rank=True)
+    assert exc.value.code == 3
+    assert calls == [("finish", 3), ("exit", 3)]
+    assert capsys.readouterr().err == "distlocal: error: disk full\n"

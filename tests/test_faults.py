@@ -107,8 +107,9 @@ def test_enospc_in_a_deepspeed_checkpoint_write_is_one_line_exit_3_on_every_rank
     Every rank stops with the same one line and exit 3, nothing half-written stays, and ``last.pt``
     still holds the previous checkpoint (global step 3, the end of epoch 0), which loads."""
     run_dir = tmp_path / "run"
-    # --monitor-interval: torchrun looks at its ranks every 2 s, not 0.1 s, so the first rank's exit
-    # does not get the other SIGTERMed while it is printing its own line.
+    # The ranks leave together (cli.die(every_rank=True)): the slow-rank test below
+    # shows it at torchrun's default 0.1 s monitor interval. Here torchrun looks every 2 s, so the
+    # few milliseconds between the two ranks' exits on a loaded 2-core CI box cannot matter.
     proc = torchrun([str(WORKER), "--launch", *ZERO2, f"hydra.run.dir={run_dir}"],
                     launcher=["--monitor-interval=2"], ENOSPC_IN_SAVE="3")
     assert proc.returncode != 0
@@ -127,3 +128,28 @@ def test_enospc_in_a_deepspeed_checkpoint_write_is_one_line_exit_3_on_every_rank
     state = checkpoint.load(folder / "last.pt")
     assert (state["epoch"], state["global_step"], state["mid_epoch"]) == (0, 3, False)
     assert state["engine"]["zero_stage"] == 2 and state["engine"]["optimizer"]["state"]
+
+
+_SLOW_RANK_0 = """
+import os, sys, time
+import torch.distributed as dist
+from distlocal import cli
+dist.init_process_group("gloo")
+if dist.get_rank() == 0:
+    time.sleep(3)  # rank 0's teardown (wandb, DeepSpeed, the interpreter) running long under load
+    print("rank 0 still running", flush=True)
+cli.die("stopped with its state saved", code=3, every_rank=True)
+"""
+
+
+def test_ranks_stopping_on_the_same_error_all_exit_with_its_code_under_torchrun(tmp_path):
+    """torchrun (default 0.1 s monitor interval) SIGTERMs the ranks still running once one has
+    failed: with a plain ``sys.exit(3)`` the fast rank 1 exits at once and the slow rank 0 ends -15.
+    ``cli.die(..., every_rank=True)`` makes rank 1 wait for rank 0, so both exit 3."""
+    script = tmp_path / "slow_rank_0.py"
+    script.write_text(_SLOW_RANK_0)
+    proc = torchrun([str(script)])
+    assert "rank 0 still running" in proc.stdout, proc.stderr[-4000:]
+    assert proc.stderr.count("distlocal: error: stopped with its state saved") == 2, proc.stderr[-4000:]
+    summary = proc.stderr[proc.stderr.index("Failures:"):]
+    assert re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", summary, re.M) == ["3", "3"], summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -111,7 +112,31 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
     return box[0]
 
 
-def shutdown() -> None:
-    """Leave the process group, if any."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def exit_together(code: int) -> NoReturn:
+    """End this rank's process with ``code`` at the moment every other rank does the same.
+
+    For an error that every rank raised at the same point of the loop (a failed checkpoint write,
+    which rank 0 broadcasts; a diverged local rule, decided on the averaged deltas). Why not
+    ``sys.exit``: torchrun SIGTERMs the ranks still running as soon as one has failed, and a rank
+    with more to tear down (rank 0: wandb; any rank: DeepSpeed, gloo and the interpreter's own
+    shutdown, seconds under load) then ended with -15 or -6 instead of the code it chose, and its
+    own summary was lost. So the slow part runs first (wandb's run marked failed with ``code``, the
+    log files flushed), a barrier waits for every rank to be done with it, and then each process
+    leaves at once, without a second teardown that could outlast the agent's next look.
+    """
+    import logging
+    import sys
+
+    if not dist.is_initialized():
+        sys.exit(code)  # one process: nobody to wait for, and the usual teardown finishes wandb
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=code)
+    logging.shutdown()
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a rank already gone: leave anyway, with the same code
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -119,10 +119,11 @@ def exit_together(code: int) -> NoReturn:
     which rank 0 broadcasts; a diverged local rule, decided on the averaged deltas). Why not
     ``sys.exit``: torchrun SIGTERMs the ranks still running as soon as one has failed, and a rank
     with more to tear down (rank 0: wandb; any rank: DeepSpeed, gloo and the interpreter's own
-    shutdown, seconds under load) then ended with -15 or -6 instead of the code it chose, and its
-    own summary was lost. So the slow part runs first (wandb's run marked failed with ``code``, the
-    log files flushed), a barrier waits for every rank to be done with it, and then each process
-    leaves at once, without a second teardown that could outlast the agent's next look.
+    shutdown, seconds under load) then ended with -15 or -6 instead of the code it chose, its last
+    work (wandb's final sync) cut short. So the slow part runs first (wandb's run marked failed
+    with ``code``, the log files flushed), a barrier waits for every rank to be done with it, and
+    then each process leaves at once, without a second teardown that could outlast the agent's
+    next look.
     """
     import logging
     import sys

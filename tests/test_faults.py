@@ -131,7 +131,7 @@ def test_enospc_in_a_deepspeed_checkpoint_write_is_one_line_exit_3_on_every_rank
 
 
 _SLOW_RANK_0 = """
-import os, sys, time
+import time
 import torch.distributed as dist
 from distlocal import cli
 dist.init_process_group("gloo")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -125,9 +127,6 @@ def exit_together(code: int) -> NoReturn:
     then each process leaves at once, without a second teardown that could outlast the agent's
     next look.
     """
-    import logging
-    import sys
-
     if not dist.is_initialized():
         sys.exit(code)  # one process: nobody to wait for, and the usual teardown finishes wandb
     wandb = sys.modules.get("wandb")

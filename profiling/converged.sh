@@ -25,7 +25,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-export OMP_NUM_THREADS=1 WANDB_MODE=${WANDB_MODE:-disabled}
+# One thread per run: process_time sums a process's threads, so a run with THREADS=2 reports CPU
+# seconds that are not comparable to the one-thread runs (its accuracy is; use it for that only).
+export OMP_NUM_THREADS=${THREADS:-1} WANDB_MODE=${WANDB_MODE:-disabled}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PHASE=${PHASE:-main}
 EPOCHS=${EPOCHS:-3}
@@ -125,6 +127,6 @@ export -f run_one
 export BASE EXTRA PY
 
 mkdir -p "$RUNS"
-{ echo "commit $(git rev-parse --short HEAD) phase $PHASE started $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"; } >> "$RUNS/provenance.txt"
+{ echo "commit $(git rev-parse --short HEAD) phase $PHASE threads $OMP_NUM_THREADS started $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)"; } >> "$RUNS/provenance.txt"
 jobs_of_phase | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 echo "ended $(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)" >> "$RUNS/provenance.txt"

@@ -42,3 +42,7 @@ if __name__ == "__main__":
     register_configs()
     sys.argv = [sys.argv[0], *cli.agreed_run_dir(argv, cfg)]
     main()
+    # Only reached when the run (or every job of a sweep) finished: errors exit inside main().
+    from distlocal.parallel.env import close_distributed
+
+    close_distributed()

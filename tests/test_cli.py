@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 
 import pytest
 import torch
-from conftest import check_ok, run, torchrun
+from conftest import REPO, check_ok, run, torchrun
 
 from distlocal.cli import explain, strip_local_rank
 from distlocal.config import compose
@@ -92,8 +93,26 @@ def test_explain_is_one_line():
     assert msg == "unknown schedule 'sometimes'; valid: dynamic, static"
 
 
+# Imported by every process of the torchrun job below (PYTHONPATH): at interpreter exit, after
+# the entry point has returned, each rank writes whether its process group was still alive.
+_EXIT_PROBE = """
+import atexit, os, sys
+
+def _probe():
+    dist = sys.modules.get("torch.distributed")
+    if "RANK" in os.environ and dist is not None:
+        with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
+            f.write(str(dist.is_initialized()))
+
+atexit.register(_probe)
+"""
+
+
 def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
     run_dir = tmp_path / "x"
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(_EXIT_PROBE.format(out=str(probe)))
     proc = check_ok(
         torchrun(
             [
@@ -105,9 +124,14 @@ def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
                 "wandb.mode=disabled",
                 "trainer.progress=false",
                 f"hydra.run.dir={run_dir}",
-            ]
+            ],
+            PYTHONPATH=f"{probe}{os.pathsep}{REPO}",
         )
     )
+    # Every rank left its process group before exit: a gloo group left to interpreter finalization
+    # can abort the rank (SIGABRT, "terminate called without an active exception") after a run
+    # that succeeded, and torchrun then fails the job.
+    assert {f.name: f.read_text() for f in probe.glob("rank*")} == {"rank0": "False", "rank1": "False"}
     assert proc.stdout.count("run dir") == 1  # printed by rank 0 alone
     assert (run_dir / "config.yaml").read_text().count("model: convnet") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -81,6 +81,21 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def close_distributed() -> None:
+    """Leave the process group at the end of a run that finished (no-op without one).
+
+    Why: a process that exits with its gloo group still alive leaves the group's C++ worker
+    threads to be destroyed during interpreter finalization, where they can abort the process
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), and
+    torchrun then SIGTERMs the other ranks of a run that had succeeded. NCCL asks the same
+    (its destructor warns). Only the success path calls it, as torchtitan does: after an error
+    the other ranks may still be inside a collective, and the error paths leave through
+    :func:`exit_together` or torchrun's own teardown.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _collective_tensor(values: list[float], env: DistEnv) -> torch.Tensor:
     """``values`` as float64 where the backend reduces: the device under NCCL, else the host."""
     t = torch.tensor(values, dtype=torch.float64)

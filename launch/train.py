@@ -43,6 +43,7 @@ if __name__ == "__main__":
     sys.argv = [sys.argv[0], *cli.agreed_run_dir(argv, cfg)]
     main()
     # Only reached when the run (or every job of a sweep) finished: errors exit inside main().
-    from distlocal.parallel.env import close_distributed
+    # Every rank leaves the process group and then the process, together: see exit_together.
+    from distlocal.parallel.env import exit_together
 
-    close_distributed()
+    exit_together(0)

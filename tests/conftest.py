@@ -75,5 +75,5 @@ def one_rank_group() -> _OneRankGroupEnv:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     assert dist.get_world_size() == 1
     yield _OneRankGroupEnv()
-    if owned:
+    if owned and dist.is_initialized():  # exit_together leaves the group itself
         dist.destroy_process_group()

@@ -93,18 +93,26 @@ def test_explain_is_one_line():
     assert msg == "unknown schedule 'sometimes'; valid: dynamic, static"
 
 
-# Imported by every process of the torchrun job below (PYTHONPATH): at interpreter exit, after
-# the entry point has returned, each rank writes whether its process group was still alive.
+# Imported by every process of the torchrun job below (PYTHONPATH): when a rank's process ends,
+# through os._exit or the interpreter's own exit, it writes how, and whether its process group
+# was still alive.
 _EXIT_PROBE = """
 import atexit, os, sys
 
-def _probe():
+def _probe(how):
     dist = sys.modules.get("torch.distributed")
     if "RANK" in os.environ and dist is not None:
         with open(os.path.join({out!r}, "rank" + os.environ["RANK"]), "w") as f:
-            f.write(str(dist.is_initialized()))
+            f.write(how + " initialized=" + str(dist.is_initialized()))
 
-atexit.register(_probe)
+_real_exit = os._exit
+
+def _exit(code):
+    _probe("_exit(" + str(code) + ")")
+    _real_exit(code)
+
+os._exit = _exit
+atexit.register(_probe, "interpreter exit")
 """
 
 
@@ -128,10 +136,11 @@ def test_torchrun_writes_run_dir_once_from_rank0(tmp_path):
             PYTHONPATH=f"{probe}{os.pathsep}{REPO}",
         )
     )
-    # Every rank left its process group before exit: a gloo group left to interpreter finalization
-    # can abort the rank (SIGABRT, "terminate called without an active exception") after a run
-    # that succeeded, and torchrun then fails the job.
-    assert {f.name: f.read_text() for f in probe.glob("rank*")} == {"rank0": "False", "rank1": "False"}
+    # Every rank left its process group, then its process without the interpreter's teardown: that
+    # teardown can abort a rank (SIGABRT, "terminate called without an active exception") after a
+    # run that succeeded, and torchrun then fails the job.
+    ended = {f.name: f.read_text() for f in probe.glob("rank*")}
+    assert ended == {"rank0": "_exit(0) initialized=False", "rank1": "_exit(0) initialized=False"}
     assert proc.stdout.count("run dir") == 1  # printed by rank 0 alone
     assert (run_dir / "config.yaml").read_text().count("model: convnet") == 1
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -185,4 +194,5 @@ def test_every_rank_die_marks_the_wandb_run_failed_before_leaving(monkeypatch, c
         cli.die("disk  full", code=3, every_rank=True)
     assert exc.value.code == 3
     assert calls == [("finish", 3), ("exit", 3)]
+    assert not torch.distributed.is_initialized()  # the group was left before the process
     assert capsys.readouterr().err == "distlocal: error: disk full\n"

@@ -81,21 +81,6 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: flo
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def close_distributed() -> None:
-    """Leave the process group at the end of a run that finished (no-op without one).
-
-    Why: a process that exits with its gloo group still alive leaves the group's C++ worker
-    threads to be destroyed during interpreter finalization, where they can abort the process
-    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489), and
-    torchrun then SIGTERMs the other ranks of a run that had succeeded. NCCL asks the same
-    (its destructor warns). Only the success path calls it, as torchtitan does: after an error
-    the other ranks may still be inside a collective, and the error paths leave through
-    :func:`exit_together` or torchrun's own teardown.
-    """
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _collective_tensor(values: list[float], env: DistEnv) -> torch.Tensor:
     """``values`` as float64 where the backend reduces: the device under NCCL, else the host."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -132,15 +117,19 @@ def broadcast_object(obj: object, env: DistEnv) -> object:
 def exit_together(code: int) -> NoReturn:
     """End this rank's process with ``code`` at the moment every other rank does the same.
 
-    For an error that every rank raised at the same point of the loop (a failed checkpoint write,
-    which rank 0 broadcasts; a diverged local rule, decided on the averaged deltas). Why not
-    ``sys.exit``: torchrun SIGTERMs the ranks still running as soon as one has failed, and a rank
-    with more to tear down (rank 0: wandb; any rank: DeepSpeed, gloo and the interpreter's own
-    shutdown, seconds under load) then ended with -15 or -6 instead of the code it chose, its last
-    work (wandb's final sync) cut short. So the slow part runs first (wandb's run marked failed
-    with ``code``, the log files flushed), a barrier waits for every rank to be done with it, and
-    then each process leaves at once, without a second teardown that could outlast the agent's
-    next look.
+    For a run that finished (``code`` 0, from ``launch/train.py``) and for an error that every
+    rank raised at the same point of the loop (a failed checkpoint write, which rank 0 broadcasts;
+    a diverged local rule, decided on the averaged deltas). Why not ``sys.exit``: torchrun SIGTERMs
+    the ranks still running as soon as one has failed, and a rank with more to tear down (rank 0:
+    wandb; any rank: DeepSpeed, gloo and the interpreter's own shutdown, seconds under load) then
+    ended with -15 or -6 instead of the code it chose, its last work (wandb's final sync) cut
+    short. And the interpreter's teardown itself can abort a rank whose work is done ("terminate
+    called without an active exception", SIGABRT): a gloo group left to finalization does
+    (pytorch/pytorch#190489), and about one 2-rank job in several hundred did even after
+    ``destroy_process_group``. So the slow part runs first (wandb's run marked with ``code``, the
+    log files flushed), a barrier waits for every rank to be done with it, each rank leaves the
+    process group (nobody talks to it any more), and then each process leaves at once, without a
+    second teardown that could outlast the agent's next look or abort.
     """
     if not dist.is_initialized():
         sys.exit(code)  # one process: nobody to wait for, and the usual teardown finishes wandb
@@ -150,6 +139,7 @@ def exit_together(code: int) -> NoReturn:
     logging.shutdown()
     try:
         dist.barrier()
+        dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - a rank already gone: leave anyway, with the same code
         pass
     sys.stdout.flush()
